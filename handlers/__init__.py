@@ -1,0 +1,3 @@
+"""The ``convstore`` command line and, later, the aiohttp endpoints."""
+
+__all__: list[str] = []

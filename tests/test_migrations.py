@@ -1,0 +1,159 @@
+"""Migrations: applied once each under a lock, verified for behind, drift and ahead."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from eventstore import SchemaMismatch, check_schema, migrate, schema_status
+from eventstore.migrations import Migration, load_migrations
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _convstore(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "handlers.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def _fake(version: int, name: str, text: str) -> Migration:
+    return Migration(
+        version=version,
+        name=name,
+        sql=text,
+        checksum=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def test_files_are_numbered_in_order() -> None:
+    migrations = load_migrations()
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+
+
+def test_migrate_then_verify_is_current(empty_database_url: str) -> None:
+    status = schema_status(empty_database_url)
+    assert status.problem is not None and status.problem.kind == "behind"
+    applied = migrate(empty_database_url)
+    assert [m.version for m in applied] == [m.version for m in load_migrations()]
+    assert migrate(empty_database_url) == ()
+    check_schema(empty_database_url)
+    done = _convstore("db", "verify", url=empty_database_url)
+    assert done.returncode == 0, done.stderr
+
+
+def test_verify_behind_gives_one_clear_line(empty_database_url: str) -> None:
+    known = load_migrations()
+    extra = _fake(len(known) + 1, "later", "CREATE TABLE later_table (id int)")
+    migrate(empty_database_url, known)
+    with pytest.raises(SchemaMismatch) as info:
+        check_schema(empty_database_url, (*known, extra))
+    assert info.value.kind == "behind"
+    at, needs = f"{known[-1].version:04d}", f"{extra.version:04d}"
+    assert info.value.line == (
+        f"database schema is at {at}, this convstore needs {needs}: run `convstore db migrate`"
+    )
+    # the command line says the same single line, on an empty database
+    done = _convstore("db", "verify", url=_fresh(empty_database_url))
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("convstore: emb")]
+    assert len(lines) == 1 and "run `convstore db migrate`" in lines[0]
+
+
+def _fresh(url: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS schema_migrations, events, streams CASCADE")
+    return url
+
+
+def test_verify_detects_drift(database_url: str) -> None:
+    known = list(load_migrations())
+    changed = known[0]
+    known[0] = Migration(
+        version=changed.version,
+        name=changed.name,
+        sql=changed.sql + "\n-- edited after it was applied\n",
+        checksum=hashlib.sha256((changed.sql + "x").encode()).hexdigest(),
+    )
+    with pytest.raises(SchemaMismatch) as info:
+        check_schema(database_url, known)
+    assert info.value.kind == "drift"
+    assert changed.label in info.value.line and "drift" in info.value.line
+    # migrate refuses to run on a drifted database rather than guess
+    with pytest.raises(SchemaMismatch):
+        migrate(database_url, known)
+
+
+def test_verify_detects_ahead(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (999, 'future', 'x')"
+        )
+    with pytest.raises(SchemaMismatch) as info:
+        check_schema(database_url)
+    assert info.value.kind == "ahead"
+    assert "0999_future" in info.value.line and "upgrade convstore" in info.value.line
+    done = _convstore("db", "verify", url=database_url)
+    assert done.returncode == 1
+    assert "0999_future" in done.stderr
+
+
+def test_concurrent_migrations_apply_each_once(empty_database_url: str) -> None:
+    # A slow first migration widens the window in which the second runner must wait.
+    known = (
+        _fake(1, "slow", "SELECT pg_sleep(0.5); CREATE TABLE t1 (id int)"),
+        _fake(2, "second", "CREATE TABLE t2 (id int)"),
+    )
+    results: list[object] = []
+    barrier = threading.Barrier(4)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(migrate(empty_database_url, known))
+        except Exception as exc:  # collected and asserted below
+            results.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [r for r in results if isinstance(r, Exception)], results
+    applied_counts = sorted(len(r) for r in results if isinstance(r, tuple))
+    assert applied_counts == [0, 0, 0, 2]
+    with psycopg.connect(empty_database_url) as conn:
+        rows = conn.execute("SELECT version, count(*) FROM schema_migrations GROUP BY 1").fetchall()
+    assert sorted(rows) == [(1, 1), (2, 1)]
+
+
+def test_cli_migrate_twice_concurrently(empty_database_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": empty_database_url}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "handlers.cli", "db", "migrate"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("applied 0001" in out for out, _ in outs) == 1
+    check_schema(empty_database_url)

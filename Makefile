@@ -20,9 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check eventstore projections handlers tests bench
-	$(BIN)/ruff format --check eventstore projections handlers tests bench
-	$(BIN)/mypy --strict eventstore projections handlers
+	$(BIN)/ruff check eventstore conversations projections handlers tests bench
+	$(BIN)/ruff format --check eventstore conversations projections handlers tests bench
+	$(BIN)/mypy --strict eventstore conversations projections handlers
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

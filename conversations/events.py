@@ -16,6 +16,8 @@ import msgspec
 
 from eventstore import EventCodec
 
+from .connections import Channel
+
 __all__ = [
     "CONTACT_EVENTS",
     "CONVERSATION_EVENTS",
@@ -41,8 +43,6 @@ __all__ = [
     "contact_stream",
     "conversation_stream",
 ]
-
-Channel = Literal["messenger", "instagram", "telegram", "widget"]
 
 
 def conversation_stream(conversation_id: uuid.UUID) -> str:

@@ -9,15 +9,22 @@ would reject, with the same one line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-from eventstore.database import resolve_database_url
+from psycopg_pool import AsyncConnectionPool
+
+from conversations.connections import add_connection, list_connections
+from eventstore.database import open_pool, resolve_database_url
 from eventstore.errors import ConvstoreError, SchemaMismatch
 from eventstore.migrations import check_schema, migrate, schema_status
 
-__all__ = ["build_parser", "main", "require_current_schema"]
+__all__ = ["build_parser", "main", "require_current_schema", "run_with_pool"]
+
+_T = TypeVar("_T")
 
 
 def _err(line: str) -> None:
@@ -36,6 +43,67 @@ def require_current_schema(url: str) -> None:
     except SchemaMismatch as exc:
         _err(f"convstore: {exc.line}")
         raise SystemExit(1) from exc
+
+
+def run_with_pool(
+    args: argparse.Namespace, work: Callable[[AsyncConnectionPool[Any]], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` with a small pool on the selected database, after the schema check."""
+    url = _url(args)
+    require_current_schema(url)
+
+    async def go() -> _T:
+        pool = await open_pool(url, min_size=1, max_size=4)
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def _connections_add(args: argparse.Namespace) -> int:
+    connection = run_with_pool(
+        args,
+        lambda pool: add_connection(
+            pool,
+            args.name,
+            channel=args.channel,
+            external_id=args.external_id,
+            reopen_policy=args.reopen_policy,
+            app_secret=args.app_secret,
+            verify_token=args.verify_token,
+            secret_token=args.secret_token,
+            access_token=args.access_token,
+            bot_token=args.bot_token,
+        ),
+    )
+    print(
+        f"added connection {connection.name} ({connection.channel} {connection.external_id},"
+        f" reopen policy {connection.policy_text})"
+    )
+    return 0
+
+
+def _connections_list(args: argparse.Namespace) -> int:
+    connections = run_with_pool(args, list_connections)
+    print(f"{'NAME':<24} {'CHANNEL':<10} {'EXTERNAL ID':<24} {'REOPEN POLICY':<20} SECRETS")
+    for c in connections:
+        secrets = ",".join(
+            name
+            for name, value in (
+                ("app_secret", c.app_secret),
+                ("verify_token", c.verify_token),
+                ("secret_token", c.secret_token),
+                ("access_token", c.access_token),
+                ("bot_token", c.bot_token),
+            )
+            if value
+        )
+        print(
+            f"{c.name:<24} {c.channel:<10} {c.external_id:<24} {c.policy_text:<20} {secrets or '-'}"
+        )
+    return 0
 
 
 def _db_migrate(args: argparse.Namespace) -> int:
@@ -93,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("migrate", help="apply pending migrations").set_defaults(run=_db_migrate)
     db.add_parser("verify", help="exit 1 unless the schema is current").set_defaults(run=_db_verify)
     db.add_parser("status", help="list applied and pending migrations").set_defaults(run=_db_status)
+
+    connections = commands.add_parser("connections", help="channel connections").add_subparsers(
+        dest="connections_command", required=True
+    )
+    add = connections.add_parser("add", help="register a connection")
+    add.add_argument("name", help="the name URLs and commands use for this connection")
+    add.add_argument(
+        "--channel", required=True, choices=["messenger", "instagram", "telegram", "widget"]
+    )
+    add.add_argument(
+        "--external-id", required=True, help="the page, account, bot or widget id at the provider"
+    )
+    add.add_argument("--app-secret", help="Meta app secret (X-Hub-Signature-256)")
+    add.add_argument("--verify-token", help="Meta webhook verify token (hub.verify_token)")
+    add.add_argument("--secret-token", help="Telegram X-Telegram-Bot-Api-Secret-Token")
+    add.add_argument("--access-token", help="Meta page access token, for replies")
+    add.add_argument("--bot-token", help="Telegram bot token, for replies")
+    add.add_argument(
+        "--reopen-policy",
+        default="new",
+        help="new (default), reopen-last, or reopen-within=DURATION (e.g. 7d)",
+    )
+    add.set_defaults(run=_connections_add)
+    connections.add_parser("list", help="list connections (secrets are not shown)").set_defaults(
+        run=_connections_list
+    )
     return parser
 
 

@@ -61,8 +61,7 @@ CREATE TABLE conversations (
     opened_at       timestamptz NOT NULL,
     closed_at       timestamptz,
     snoozed_until   timestamptz,
-    snooze_until_reply boolean  NOT NULL DEFAULT false,
-    last_inbound_at timestamptz
+    snooze_until_reply boolean  NOT NULL DEFAULT false
 );
 -- Invariant 1, stated a second time so no code path can break it: one open conversation a key.
 CREATE UNIQUE INDEX conversations_one_open_per_key ON conversations (connection, psid)

@@ -1,0 +1,210 @@
+"""The connections registry: a named channel connection (page, account, bot, widget)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Literal, get_args
+
+import msgspec
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from eventstore.errors import translate_errors
+
+from .errors import ConnectionExists, ConnectionNotFound, InvalidCommand
+
+__all__ = [
+    "CHANNELS",
+    "Channel",
+    "Connection",
+    "ReopenPolicy",
+    "add_connection",
+    "find_connection",
+    "get_connection",
+    "list_connections",
+    "parse_duration",
+    "parse_reopen_policy",
+]
+
+Channel = Literal["messenger", "instagram", "telegram", "widget"]
+CHANNELS: tuple[str, ...] = get_args(Channel)
+ReopenPolicy = Literal["new", "reopen-last", "reopen-within"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class Connection(msgspec.Struct, frozen=True):
+    """A registered channel connection. Secrets are kept out of ``repr``."""
+
+    name: str
+    channel: Channel
+    external_id: str
+    reopen_policy: ReopenPolicy
+    reopen_window: dt.timedelta | None
+    created_at: dt.datetime
+    app_secret: str | None = msgspec.field(default=None)
+    verify_token: str | None = None
+    secret_token: str | None = None
+    access_token: str | None = None
+    bot_token: str | None = None
+
+    def __repr__(self) -> str:
+        window = f", reopen_window={self.reopen_window}" if self.reopen_window else ""
+        return (
+            f"Connection(name={self.name!r}, channel={self.channel!r}, "
+            f"external_id={self.external_id!r}, reopen_policy={self.reopen_policy!r}{window})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def policy_text(self) -> str:
+        """The reopen policy as ``connections add`` takes it (``reopen-within=7d``...)."""
+        if self.reopen_policy == "reopen-within" and self.reopen_window is not None:
+            return f"reopen-within={format_duration(self.reopen_window)}"
+        return self.reopen_policy
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``30s``, ``15m``, ``12h``, ``7d`` or ``2w`` as a positive timedelta."""
+    match = _DURATION.match(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise InvalidCommand(
+            f"not a duration: {text!r} (use a positive number and s, m, h, d or w, e.g. 7d)",
+            field="reopen_policy",
+        )
+    return dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The shortest exact ``NNu`` form of a duration."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def parse_reopen_policy(text: str) -> tuple[ReopenPolicy, dt.timedelta | None]:
+    """``new``, ``reopen-last`` or ``reopen-within=DURATION``."""
+    if text == "new":
+        return "new", None
+    if text == "reopen-last":
+        return "reopen-last", None
+    head, sep, tail = text.partition("=")
+    if head == "reopen-within" and sep:
+        return "reopen-within", parse_duration(tail)
+    raise InvalidCommand(
+        f"not a reopen policy: {text!r} (use new, reopen-last or reopen-within=DURATION)",
+        field="reopen_policy",
+    )
+
+
+_SELECT_ALL = (
+    "SELECT name, channel, external_id, reopen_policy, reopen_window, created_at,"
+    " app_secret, verify_token, secret_token, access_token, bot_token FROM connections"
+)
+
+
+def _row(row: tuple[Any, ...]) -> Connection:
+    return Connection(*row)
+
+
+async def add_connection(
+    pool: AsyncConnectionPool[Any],
+    name: str,
+    *,
+    channel: str,
+    external_id: str,
+    reopen_policy: str = "new",
+    app_secret: str | None = None,
+    verify_token: str | None = None,
+    secret_token: str | None = None,
+    access_token: str | None = None,
+    bot_token: str | None = None,
+) -> Connection:
+    """Register a connection; raise :class:`ConnectionExists` or :class:`InvalidCommand`."""
+    if not _NAME.match(name or ""):
+        raise InvalidCommand(
+            f"connection name {name!r}: use 1-64 letters, digits, '_', '.' or '-'", field="name"
+        )
+    if channel not in CHANNELS:
+        raise InvalidCommand(
+            f"channel {channel!r}: use one of {', '.join(CHANNELS)}", field="channel"
+        )
+    if not external_id or "\x00" in external_id or len(external_id) > 200:
+        raise InvalidCommand("external id must be 1-200 characters", field="external_id")
+    for field, value in (
+        ("app_secret", app_secret),
+        ("verify_token", verify_token),
+        ("secret_token", secret_token),
+        ("access_token", access_token),
+        ("bot_token", bot_token),
+    ):
+        if value is not None and (not value or "\x00" in value or len(value) > 4096):
+            raise InvalidCommand(f"{field} must be 1-4096 characters", field=field)
+    policy, window = parse_reopen_policy(reopen_policy)
+    with translate_errors():
+        async with pool.connection() as conn:
+            try:
+                cur = await conn.execute(
+                    "INSERT INTO connections (name, channel, external_id, reopen_policy,"
+                    " reopen_window, app_secret, verify_token, secret_token, access_token,"
+                    " bot_token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " RETURNING name, channel, external_id, reopen_policy, reopen_window,"
+                    " created_at, app_secret, verify_token, secret_token, access_token,"
+                    " bot_token",
+                    (
+                        name,
+                        channel,
+                        external_id,
+                        policy,
+                        window,
+                        app_secret,
+                        verify_token,
+                        secret_token,
+                        access_token,
+                        bot_token,
+                    ),
+                )
+            except pg_errors.UniqueViolation as exc:
+                raise ConnectionExists(name, exc.diag.constraint_name) from exc
+            row = await cur.fetchone()
+    assert row is not None
+    return _row(row)
+
+
+async def list_connections(pool: AsyncConnectionPool[Any]) -> list[Connection]:
+    """Every registered connection, by name."""
+    with translate_errors():
+        async with pool.connection() as conn:
+            rows = await (await conn.execute(_SELECT_ALL + " ORDER BY name")).fetchall()
+    return [_row(r) for r in rows]
+
+
+async def get_connection(pool: AsyncConnectionPool[Any], name: str) -> Connection:
+    """The connection named ``name``; raise :class:`ConnectionNotFound`."""
+    with translate_errors():
+        async with pool.connection() as conn:
+            row = await (await conn.execute(_SELECT_ALL + " WHERE name = %s", (name,))).fetchone()
+    if row is None:
+        raise ConnectionNotFound(name)
+    return _row(row)
+
+
+async def find_connection(
+    pool: AsyncConnectionPool[Any], channel: str, external_id: str
+) -> Connection | None:
+    """The connection of a channel and provider-side id (a page id, a bot id), if registered."""
+    with translate_errors():
+        async with pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    _SELECT_ALL + " WHERE channel = %s AND external_id = %s",
+                    (channel, external_id),
+                )
+            ).fetchone()
+    return _row(row) if row else None

@@ -1,0 +1,1028 @@
+"""The conversation decisions, taken over the event store and the identity tables.
+
+Every command either appends its events and updates the write-side tables (reservations,
+conversations, contacts) in one transaction, or changes nothing. Races are settled by the
+database: the reservation primary key, the contact-key primary key, the partial unique index of
+open conversations and the streams' expected versions. A loser rolls back and retries from a
+fresh read, so ``receive_inbound`` never shows its caller a conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import msgspec
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from eventstore import (
+    NO_STREAM,
+    DuplicateEvent,
+    EventStore,
+    NewEvent,
+    WrongExpectedVersion,
+    deterministic_id,
+    uuid7,
+)
+from eventstore.errors import raise_translated, translate_errors
+
+from .errors import (
+    ConnectionNotFound,
+    ContactNotFound,
+    ConversationNotFound,
+    InvalidCommand,
+    InvalidTransition,
+    RetriesExhausted,
+)
+from .events import (
+    CODEC,
+    Attachment,
+    ContactCreated,
+    ContactIdentified,
+    ContactsMerged,
+    ConversationClosed,
+    ConversationDeleted,
+    ConversationOpened,
+    ConversationReopened,
+    ConversationRestored,
+    ConversationSnoozed,
+    ConversationUnsnoozed,
+    GuestSignedUp,
+    MessageEdited,
+    MessageReceived,
+    MessageSent,
+    MessagesRead,
+    contact_stream,
+    conversation_stream,
+)
+
+__all__ = [
+    "CommandResult",
+    "ConversationService",
+    "ConversationState",
+    "GuestSignUp",
+    "InboundMessage",
+    "InboundResult",
+    "ServiceStats",
+]
+
+MAX_TEXT = 20_000
+MAX_ID = 500
+_ATTEMPTS: Final = 30
+_T = TypeVar("_T")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _millis(when: dt.datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+class InboundMessage(msgspec.Struct, frozen=True):
+    """A customer message as a provider delivered it."""
+
+    provider_message_id: str
+    sent_at: dt.datetime
+    text: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    reply_to: str | None = None
+    quick_reply: str | None = None
+    provider: str | None = None  # defaults to the connection's channel
+
+
+class InboundResult(msgspec.Struct, frozen=True):
+    """Where an inbound message landed: its conversation, and whether it was new there."""
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    contact_id: uuid.UUID | None
+    duplicate: bool = False
+    opened: bool = False
+    reopened: bool = False
+
+
+class CommandResult(msgspec.Struct, frozen=True):
+    """The conversation's stream version after a command (for the next ``If-Match``)."""
+
+    conversation_id: uuid.UUID
+    version: int
+    event_ids: tuple[uuid.UUID, ...] = ()
+    duplicate: bool = False
+
+
+class GuestSignUp(msgspec.Struct, frozen=True):
+    """A signed-up widget guest: its contact and the guest id the widget sends as PSID."""
+
+    contact_id: uuid.UUID
+    guest_id: str
+
+
+class ConversationState(msgspec.Struct, frozen=True):
+    """The write side's view of one conversation (not a read model)."""
+
+    conversation_id: uuid.UUID
+    stream_id: str
+    connection: str
+    psid: str
+    contact_id: uuid.UUID
+    status: str
+    deleted: bool
+    opened_at: dt.datetime
+    closed_at: dt.datetime | None
+    snoozed_until: dt.datetime | None
+    snooze_until_reply: bool
+    version: int
+
+
+class ServiceStats(msgspec.Struct):
+    """Counters for metrics: races retried and redeliveries dropped."""
+
+    conflicts_retried: int = 0
+    duplicates_dropped: int = 0
+
+
+_RETRYABLE_CONSTRAINTS: Final = frozenset(
+    {
+        "stream_reservations_pkey",
+        "contact_keys_pkey",
+        "conversations_one_open_per_key",
+        "contacts_client_id_key",
+        "streams_pkey",
+        "events_event_id_key",
+    }
+)
+
+
+class _Retry(Exception):
+    """Internal: the attempt lost a race; roll back and start again."""
+
+
+_LOOKUP_INBOUND = """
+SELECT
+    (SELECT e.stream_id FROM events e WHERE e.event_id = %(message_id)s),
+    c.channel, c.reopen_policy, c.reopen_window,
+    r.conversation_id, r.stream_id,
+    v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
+    s.version,
+    (SELECT k.contact_id FROM contact_keys k WHERE k.connection = c.name AND k.psid = %(psid)s)
+FROM connections c
+LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
+LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
+LEFT JOIN streams s ON s.stream_id = r.stream_id
+WHERE c.name = %(connection)s
+"""
+
+_CONVERSATION = """
+SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id, v.status,
+       v.deleted, v.opened_at, v.closed_at, v.snoozed_until, v.snooze_until_reply, s.version
+FROM conversations v JOIN streams s ON s.stream_id = v.stream_id
+WHERE v.conversation_id = %s
+"""
+
+
+class ConversationService:
+    """Every conversation and contact command, over one :class:`EventStore`."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.pool: AsyncConnectionPool[Any] = store.pool
+        self.stats = ServiceStats()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _retrying(
+        self, command: str, attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
+    ) -> _T:
+        """Run ``attempt`` in a transaction until it does not lose a race."""
+        for n in range(_ATTEMPTS):
+            try:
+                async with self.pool.connection() as conn:
+                    async with conn.transaction():
+                        result = await attempt(conn)
+                self.store.wake_subscribers()
+                return result
+            except (_Retry, WrongExpectedVersion, DuplicateEvent):
+                pass
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name not in _RETRYABLE_CONSTRAINTS:
+                    raise_translated(exc)
+            except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+                pass
+            except psycopg.Error as exc:
+                raise_translated(exc)
+            self.stats.conflicts_retried += 1
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
+        raise RetriesExhausted(command, _ATTEMPTS)
+
+    @staticmethod
+    async def _one(
+        conn: psycopg.AsyncConnection[Any], query: Any, params: Any = None
+    ) -> tuple[Any, ...] | None:
+        cur = await conn.execute(query, params)
+        return await cur.fetchone()
+
+    def _event(
+        self, payload: msgspec.Struct, event_id: uuid.UUID | None = None, **metadata: Any
+    ) -> NewEvent:
+        return CODEC.new_event(payload, event_id=event_id, metadata=metadata)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def receive_inbound(
+        self,
+        connection: str,
+        psid: str,
+        message: InboundMessage,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> InboundResult:
+        """Store a customer message in the key's current conversation, opening one if needed.
+
+        Idempotent: the message id is derived from the connection and the provider's message
+        id, so a redelivery (even after a restart) returns ``duplicate=True`` and stores
+        nothing. Never raises a conflict: races are retried internally.
+        """
+        _check_key(psid)
+        _check_message(message)
+        message_id = deterministic_id(
+            _millis(message.sent_at), connection, "in", message.provider_message_id
+        )
+        meta = dict(metadata or {})
+        return await self._retrying(
+            "receive_inbound",
+            lambda conn: self._inbound(conn, connection, psid, message, message_id, meta),
+        )
+
+    async def _inbound(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        connection: str,
+        psid: str,
+        message: InboundMessage,
+        message_id: uuid.UUID,
+        metadata: dict[str, Any],
+    ) -> InboundResult:
+        row = await self._one(
+            conn,
+            _LOOKUP_INBOUND,
+            {"message_id": message_id, "psid": psid, "connection": connection},
+        )
+        if row is None:
+            raise ConnectionNotFound(connection)
+        (
+            dup_stream,
+            channel,
+            policy,
+            window,
+            conversation_id,
+            stream_id,
+            status,
+            deleted,
+            closed_at,
+            snoozed_until,
+            snooze_until_reply,
+            version,
+            contact_id,
+        ) = row
+        if dup_stream is not None:
+            self.stats.duplicates_dropped += 1
+            return InboundResult(
+                conversation_id=uuid.UUID(dup_stream.removeprefix("conversation-")),
+                message_id=message_id,
+                contact_id=contact_id,
+                duplicate=True,
+            )
+        now = _now()
+
+        def received_in(cid: uuid.UUID) -> NewEvent:
+            payload = MessageReceived(
+                conversation_id=cid,
+                message_id=message_id,
+                provider=message.provider or channel,
+                provider_message_id=message.provider_message_id,
+                text=message.text,
+                sent_at=message.sent_at,
+                received_at=now,
+                attachments=message.attachments,
+                reply_to=message.reply_to,
+                quick_reply=message.quick_reply,
+            )
+            return self._event(payload, event_id=message_id, **metadata)
+
+        if conversation_id is not None and status in ("open", "snoozed"):
+            events = [received_in(conversation_id)]
+            if status == "snoozed" and snooze_until_reply:
+                unsnooze = ConversationUnsnoozed(conversation_id, "customer", now)
+                events.insert(0, self._event(unsnooze, **metadata))
+                await conn.execute(
+                    "UPDATE conversations SET status = 'open', snoozed_until = NULL,"
+                    " snooze_until_reply = false WHERE conversation_id = %s",
+                    (conversation_id,),
+                )
+            await self.store.append(stream_id, events, version, connection=conn)
+            return InboundResult(conversation_id, message_id, contact_id)
+
+        if (
+            conversation_id is not None
+            and not deleted
+            and _reopens(policy, window, closed_at, message.sent_at)
+        ):
+            reopen = self._event(ConversationReopened(conversation_id, "policy", now), **metadata)
+            await self.store.append(
+                stream_id, [reopen, received_in(conversation_id)], version, connection=conn
+            )
+            await self._set_open(conn, conversation_id)
+            return InboundResult(conversation_id, message_id, contact_id, reopened=True)
+
+        # A new conversation: for a new key, or after a close the policy does not reopen.
+        if contact_id is None:
+            contact_id = await self._create_contact(conn, connection, psid, now, metadata)
+        else:
+            # Holds the key's owner steady against a concurrent merge until we commit.
+            await conn.execute(
+                "SELECT 1 FROM contact_keys WHERE connection = %s AND psid = %s FOR SHARE",
+                (connection, psid),
+            )
+        new_id = uuid7()
+        new_stream = conversation_stream(new_id)
+        await conn.execute(
+            "INSERT INTO conversations (conversation_id, stream_id, connection, psid,"
+            " contact_id, status, opened_at) VALUES (%s, %s, %s, %s, %s, 'open', %s)",
+            (new_id, new_stream, connection, psid, contact_id, now),
+        )
+        if conversation_id is None:
+            await conn.execute(
+                "INSERT INTO stream_reservations (connection, psid, conversation_id, stream_id)"
+                " VALUES (%s, %s, %s, %s)",
+                (connection, psid, new_id, new_stream),
+            )
+        else:
+            cur = await conn.execute(
+                "UPDATE stream_reservations SET conversation_id = %s, stream_id = %s,"
+                " reserved_at = now() WHERE connection = %s AND psid = %s"
+                " AND conversation_id = %s",
+                (new_id, new_stream, connection, psid, conversation_id),
+            )
+            if cur.rowcount != 1:
+                raise _Retry
+        opened = self._event(
+            ConversationOpened(new_id, connection, channel, psid, contact_id, now), **metadata
+        )
+        await self.store.append(
+            new_stream, [opened, received_in(new_id)], NO_STREAM, connection=conn
+        )
+        return InboundResult(new_id, message_id, contact_id, opened=True)
+
+    async def _create_contact(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        connection: str,
+        psid: str,
+        now: dt.datetime,
+        metadata: dict[str, Any],
+    ) -> uuid.UUID:
+        contact_id = uuid7()
+        await conn.execute(
+            "INSERT INTO contacts (contact_id, created_at) VALUES (%s, %s)", (contact_id, now)
+        )
+        # Two first messages of one new key race here: the loser waits on this primary key
+        # until the winner commits, then fails and retries into the winner's conversation.
+        await conn.execute(
+            "INSERT INTO contact_keys (connection, psid, contact_id) VALUES (%s, %s, %s)",
+            (connection, psid, contact_id),
+        )
+        created = self._event(ContactCreated(contact_id, connection, psid, now), **metadata)
+        await self.store.append(contact_stream(contact_id), [created], NO_STREAM, connection=conn)
+        return contact_id
+
+    @staticmethod
+    async def _set_open(conn: psycopg.AsyncConnection[Any], conversation_id: uuid.UUID) -> None:
+        await conn.execute(
+            "UPDATE conversations SET status = 'open', closed_at = NULL, snoozed_until = NULL,"
+            " snooze_until_reply = false WHERE conversation_id = %s",
+            (conversation_id,),
+        )
+
+    async def record_edit(
+        self,
+        connection: str,
+        provider_message_id: str,
+        sent_at: dt.datetime,
+        text: str | None,
+        edited_at: dt.datetime,
+    ) -> CommandResult | None:
+        """Record a customer's edit of a stored inbound message (``None`` if it is unknown)."""
+        message_id = deterministic_id(_millis(sent_at), connection, "in", provider_message_id)
+        edit_id = deterministic_id(
+            _millis(edited_at), connection, "edit", provider_message_id, str(_millis(edited_at))
+        )
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:
+            row = await self._one(
+                conn,
+                "SELECT e.stream_id, s.version FROM events e JOIN streams s USING (stream_id)"
+                " WHERE e.event_id = %s",
+                (message_id,),
+            )
+            if row is None:
+                return None
+            stream_id, version = row
+            cid = uuid.UUID(stream_id.removeprefix("conversation-"))
+            edit = MessageEdited(cid, message_id, provider_message_id, text, edited_at)
+            try:
+                result = await self.store.append(
+                    stream_id, [self._event(edit, event_id=edit_id)], version, connection=conn
+                )
+            except DuplicateEvent:
+                return CommandResult(cid, version, (edit_id,), duplicate=True)
+            return CommandResult(cid, result.version, (edit_id,))
+
+        return await self._retrying("record_edit", attempt)
+
+    # ------------------------------------------------------------------ agent commands
+
+    async def conversation(self, conversation_id: uuid.UUID) -> ConversationState:
+        """The write side's state of a conversation; raise :class:`ConversationNotFound`."""
+        with translate_errors():
+            async with self.pool.connection() as conn:
+                row = await self._one(conn, _CONVERSATION, (conversation_id,))
+        if row is None:
+            raise ConversationNotFound(conversation_id)
+        return ConversationState(*row)
+
+    async def _command(
+        self,
+        command: str,
+        conversation_id: uuid.UUID,
+        expected_version: int | None,
+        decide: Callable[
+            [psycopg.AsyncConnection[Any], ConversationState],
+            Awaitable[Sequence[NewEvent]],
+        ],
+    ) -> CommandResult:
+        """Load the conversation, let ``decide`` check state and write tables, append."""
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult:
+            row = await self._one(conn, _CONVERSATION + " FOR UPDATE OF v", (conversation_id,))
+            if row is None:
+                raise ConversationNotFound(conversation_id)
+            state = ConversationState(*row)
+            if expected_version is not None and expected_version != state.version:
+                raise _Conflict(state.stream_id, expected_version, state.version)
+            events = await decide(conn, state)
+            if not events:
+                return CommandResult(conversation_id, state.version, duplicate=True)
+            result = await self.store.append(
+                state.stream_id, events, state.version, connection=conn
+            )
+            return CommandResult(conversation_id, result.version, tuple(e.event_id for e in events))
+
+        try:
+            return await self._retrying(command, attempt)
+        except _Conflict as exc:
+            raise WrongExpectedVersion(exc.stream_id, exc.expected, exc.actual) from None
+
+    async def close(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        by: str,
+        reason: str | None = None,
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        """Close an open or snoozed conversation; the key's next message follows the policy."""
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if state.status == "closed":
+                raise InvalidTransition(conversation_id, "close", "closed", state.version)
+            now = _now()
+            await conn.execute(
+                "UPDATE conversations SET status = 'closed', closed_at = %s, snoozed_until = NULL,"
+                " snooze_until_reply = false WHERE conversation_id = %s",
+                (now, conversation_id),
+            )
+            return [self._event(ConversationClosed(conversation_id, by, now, reason))]
+
+        return await self._command("close", conversation_id, expected_version, decide)
+
+    async def reopen(
+        self, conversation_id: uuid.UUID, *, by: str, expected_version: int | None = None
+    ) -> CommandResult:
+        """Reopen a closed conversation, making it its key's current one again.
+
+        Refused while another conversation of the same key is open (at most one may be).
+        """
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if state.status != "closed":
+                raise InvalidTransition(conversation_id, "reopen", state.status, state.version)
+            if state.deleted:
+                raise InvalidTransition(conversation_id, "reopen", "deleted", state.version)
+            other = await self._one(
+                conn,
+                "SELECT conversation_id FROM conversations WHERE connection = %s AND psid = %s"
+                " AND status IN ('open', 'snoozed') AND conversation_id <> %s",
+                (state.connection, state.psid, conversation_id),
+            )
+            if other is not None:
+                raise InvalidTransition(
+                    conversation_id,
+                    "reopen",
+                    "closed, and a newer conversation is open",
+                    state.version,
+                )
+            await self._set_open(conn, conversation_id)
+            await conn.execute(
+                "UPDATE stream_reservations SET conversation_id = %s, stream_id = %s,"
+                " reserved_at = now() WHERE connection = %s AND psid = %s",
+                (conversation_id, state.stream_id, state.connection, state.psid),
+            )
+            return [self._event(ConversationReopened(conversation_id, by, _now()))]
+
+        return await self._command("reopen", conversation_id, expected_version, decide)
+
+    async def snooze(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        by: str,
+        until: dt.datetime | None = None,
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        """Snooze until a time, or (``until=None``) until the customer's next message."""
+        _check_actor(by)
+        if until is not None and until.tzinfo is None:
+            raise InvalidCommand("snooze until: give a timezone-aware time", field="until")
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if state.status == "closed":
+                raise InvalidTransition(conversation_id, "snooze", "closed", state.version)
+            now = _now()
+            if until is not None and until <= now:
+                raise InvalidCommand("snooze until: the time must be in the future", field="until")
+            await conn.execute(
+                "UPDATE conversations SET status = 'snoozed', snoozed_until = %s,"
+                " snooze_until_reply = %s WHERE conversation_id = %s",
+                (until, until is None, conversation_id),
+            )
+            return [self._event(ConversationSnoozed(conversation_id, by, now, until))]
+
+        return await self._command("snooze", conversation_id, expected_version, decide)
+
+    async def unsnooze(
+        self, conversation_id: uuid.UUID, *, by: str, expected_version: int | None = None
+    ) -> CommandResult:
+        """End a snooze early."""
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if state.status != "snoozed":
+                raise InvalidTransition(conversation_id, "unsnooze", state.status, state.version)
+            await self._set_open(conn, conversation_id)
+            return [self._event(ConversationUnsnoozed(conversation_id, by, _now()))]
+
+        return await self._command("unsnooze", conversation_id, expected_version, decide)
+
+    async def mark_read(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        by: str,
+        up_to_message_id: uuid.UUID,
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        """Mark the conversation read up to (and including) one of its messages."""
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            row = await self._one(
+                conn,
+                "SELECT stream_id, type FROM events WHERE event_id = %s",
+                (up_to_message_id,),
+            )
+            if (
+                row is None
+                or row[0] != state.stream_id
+                or row[1]
+                not in (
+                    "MessageReceived",
+                    "MessageSent",
+                )
+            ):
+                raise InvalidCommand(
+                    f"message {up_to_message_id} is not a message of conversation "
+                    f"{conversation_id}",
+                    field="up_to_message_id",
+                )
+            read = MessagesRead(conversation_id, by, up_to_message_id, _now())
+            return [self._event(read)]
+
+        return await self._command("mark_read", conversation_id, expected_version, decide)
+
+    async def delete(
+        self, conversation_id: uuid.UUID, *, by: str, expected_version: int | None = None
+    ) -> CommandResult:
+        """Soft delete: closes the conversation if open (releasing its key) and hides it."""
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if state.deleted:
+                raise InvalidTransition(conversation_id, "delete", "deleted", state.version)
+            now = _now()
+            events = []
+            if state.status != "closed":
+                events.append(self._event(ConversationClosed(conversation_id, by, now, "deleted")))
+            await conn.execute(
+                "UPDATE conversations SET status = 'closed', deleted = true,"
+                " closed_at = COALESCE(closed_at, %s), snoozed_until = NULL,"
+                " snooze_until_reply = false WHERE conversation_id = %s",
+                (now, conversation_id),
+            )
+            events.append(self._event(ConversationDeleted(conversation_id, by, now)))
+            return events
+
+        return await self._command("delete", conversation_id, expected_version, decide)
+
+    async def restore(
+        self, conversation_id: uuid.UUID, *, by: str, expected_version: int | None = None
+    ) -> CommandResult:
+        """Undo a soft delete; the conversation comes back closed."""
+        _check_actor(by)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            if not state.deleted:
+                raise InvalidTransition(conversation_id, "restore", "not deleted", state.version)
+            await conn.execute(
+                "UPDATE conversations SET deleted = false WHERE conversation_id = %s",
+                (conversation_id,),
+            )
+            return [self._event(ConversationRestored(conversation_id, by, _now()))]
+
+        return await self._command("restore", conversation_id, expected_version, decide)
+
+    async def reply(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        by: str,
+        text: str,
+        idempotency_key: str,
+        expected_version: int | None = None,
+        tag: str | None = None,
+    ) -> CommandResult:
+        """Append an agent reply; the same ``idempotency_key`` stores it once."""
+        _check_actor(by)
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+            raise InvalidCommand(f"text must be 1-{MAX_TEXT} characters", field="text")
+        if "\x00" in text:
+            raise InvalidCommand("text must not contain NUL characters", field="text")
+        if not idempotency_key or len(idempotency_key) > 200:
+            raise InvalidCommand(
+                "Idempotency-Key must be 1-200 characters", field="idempotency_key"
+            )
+        # Time-ordered ids need a timestamp, but a retried reply has another "now"; the
+        # idempotency key alone must decide the id, so its time bits are fixed.
+        event_id = deterministic_id(0, "reply", str(conversation_id), idempotency_key)
+
+        async def decide(
+            conn: psycopg.AsyncConnection[Any], state: ConversationState
+        ) -> list[NewEvent]:
+            existing = await self._one(
+                conn, "SELECT stream_id FROM events WHERE event_id = %s", (event_id,)
+            )
+            if existing is not None:
+                return []
+            if state.deleted:
+                raise InvalidTransition(conversation_id, "reply to", "deleted", state.version)
+            sent = MessageSent(conversation_id, event_id, text, _now(), by, "agent", tag=tag)
+            return [self._event(sent, event_id=event_id, idempotency_key=idempotency_key)]
+
+        result = await self._command("reply", conversation_id, expected_version, decide)
+        return msgspec.structs.replace(result, event_ids=(event_id,))
+
+    async def record_echo(
+        self,
+        connection: str,
+        psid: str,
+        *,
+        provider_message_id: str,
+        text: str | None,
+        sent_at: dt.datetime,
+        attachments: tuple[Attachment, ...] = (),
+    ) -> CommandResult | None:
+        """Store a provider echo (a message sent from the page itself) as outbound, once.
+
+        Lands in the key's current conversation; ``None`` when the key has none yet.
+        """
+        message_id = deterministic_id(_millis(sent_at), connection, "out", provider_message_id)
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:
+            row = await self._one(
+                conn,
+                "SELECT r.conversation_id, r.stream_id, s.version,"
+                " (SELECT 1 FROM events e WHERE e.event_id = %s)"
+                " FROM stream_reservations r JOIN streams s ON s.stream_id = r.stream_id"
+                " WHERE r.connection = %s AND r.psid = %s",
+                (message_id, connection, psid),
+            )
+            if row is None:
+                return None
+            cid, stream_id, version, dup = row
+            if dup is not None:
+                self.stats.duplicates_dropped += 1
+                return CommandResult(cid, version, (message_id,), duplicate=True)
+            sent = MessageSent(
+                cid, message_id, text, sent_at, "echo", "echo", provider_message_id, attachments
+            )
+            result = await self.store.append(
+                stream_id, [self._event(sent, event_id=message_id)], version, connection=conn
+            )
+            return CommandResult(cid, result.version, (message_id,))
+
+        return await self._retrying("record_echo", attempt)
+
+    # ------------------------------------------------------------------ contacts and guests
+
+    async def guest_sign_up(
+        self,
+        connection: str,
+        *,
+        username: str | None = None,
+        phone: str | None = None,
+        email: str | None = None,
+    ) -> GuestSignUp:
+        """Create a widget guest's contact before any message; returns its guest id."""
+        for field, value in (("username", username), ("phone", phone), ("email", email)):
+            _check_optional(field, value)
+        contact_id = uuid7()
+        guest_id = f"guest-{contact_id}"
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> GuestSignUp:
+            row = await self._one(
+                conn, "SELECT channel FROM connections WHERE name = %s", (connection,)
+            )
+            if row is None:
+                raise ConnectionNotFound(connection)
+            if row[0] != "widget":
+                raise InvalidCommand(
+                    f"connection {connection!r} is a {row[0]} connection; guests sign up on"
+                    " widget connections",
+                    field="connection",
+                )
+            now = _now()
+            await conn.execute(
+                "INSERT INTO contacts (contact_id, username, phone, email, is_guest, created_at)"
+                " VALUES (%s, %s, %s, %s, true, %s)",
+                (contact_id, username, phone, email, now),
+            )
+            await conn.execute(
+                "INSERT INTO contact_keys (connection, psid, contact_id) VALUES (%s, %s, %s)",
+                (connection, guest_id, contact_id),
+            )
+            event = GuestSignedUp(contact_id, connection, guest_id, now, username, phone, email)
+            await self.store.append(
+                contact_stream(contact_id), [self._event(event)], NO_STREAM, connection=conn
+            )
+            return GuestSignUp(contact_id, guest_id)
+
+        return await self._retrying("guest_sign_up", attempt)
+
+    async def contact_of(self, connection: str, psid: str) -> uuid.UUID | None:
+        """The contact a customer key belongs to now (after merges), if any."""
+        with translate_errors():
+            async with self.pool.connection() as conn:
+                row = await self._one(
+                    conn,
+                    "SELECT contact_id FROM contact_keys WHERE connection = %s AND psid = %s",
+                    (connection, psid),
+                )
+        return row[0] if row else None
+
+    async def contact_conversations(self, contact_id: uuid.UUID) -> list[ConversationState]:
+        """A contact's conversations (including merged contacts'), newest first."""
+        with translate_errors():
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id,"
+                    " v.status, v.deleted, v.opened_at, v.closed_at, v.snoozed_until,"
+                    " v.snooze_until_reply, s.version FROM conversations v"
+                    " JOIN streams s ON s.stream_id = v.stream_id"
+                    " WHERE v.contact_id = %s ORDER BY v.opened_at DESC, v.conversation_id DESC",
+                    (contact_id,),
+                )
+                rows = await cur.fetchall()
+        return [ConversationState(*r) for r in rows]
+
+    async def identify(
+        self,
+        contact_id: uuid.UUID,
+        *,
+        client_id: str | None = None,
+        username: str | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+    ) -> uuid.UUID:
+        """Record who a contact is; link it to the existing contact that matches.
+
+        Matches a live contact by registered client id, then username, then email, then
+        phone. On a match this contact is merged into it (its conversations follow) and the
+        match's id is returned; otherwise the contact is marked registered and its own id
+        is returned.
+        """
+        given = {"client_id": client_id, "username": username, "email": email, "phone": phone}
+        for field, value in given.items():
+            _check_optional(field, value)
+        if not any(given.values()):
+            raise InvalidCommand(
+                "identify needs a client id, username, email or phone", field="client_id"
+            )
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> uuid.UUID:
+            row = await self._one(
+                conn,
+                "SELECT merged_into FROM contacts WHERE contact_id = %s FOR UPDATE",
+                (contact_id,),
+            )
+            if row is None:
+                raise ContactNotFound(contact_id)
+            if row[0] is not None:
+                raise InvalidTransition(contact_id, "identify", f"merged into {row[0]}")
+            match = await self._match(conn, contact_id, given)
+            now = _now()
+            identified = ContactIdentified(
+                contact_id, now, client_id, username, email, phone, registered=match is None
+            )
+            await self.store.append(
+                contact_stream(contact_id), [self._event(identified)], connection=conn
+            )
+            if match is None:
+                await conn.execute(
+                    "UPDATE contacts SET registered = true,"
+                    " client_id = COALESCE(%s, client_id), username = COALESCE(%s, username),"
+                    " email = COALESCE(%s, email), phone = COALESCE(%s, phone)"
+                    " WHERE contact_id = %s",
+                    (client_id, username, email, phone, contact_id),
+                )
+                return contact_id
+            await self._merge(conn, contact_id, match, now)
+            return match
+
+        return await self._retrying("identify", attempt)
+
+    async def _match(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        contact_id: uuid.UUID,
+        given: dict[str, str | None],
+    ) -> uuid.UUID | None:
+        probes = (
+            ("client_id", "SELECT contact_id FROM contacts WHERE client_id = %s"),
+            ("username", "SELECT contact_id FROM contacts WHERE lower(username) = lower(%s)"),
+            ("email", "SELECT contact_id FROM contacts WHERE lower(email) = lower(%s)"),
+            ("phone", "SELECT contact_id FROM contacts WHERE phone = %s"),
+        )
+        for field, query in probes:
+            value = given[field]
+            if value is None:
+                continue
+            row = await self._one(
+                conn,
+                query + " AND merged_into IS NULL AND contact_id <> %s"
+                " AND (registered OR NOT is_guest) ORDER BY created_at LIMIT 1",
+                (value, contact_id),
+            )
+            if row is not None:
+                return uuid.UUID(str(row[0]))
+        return None
+
+    async def merge_contacts(self, from_contact: uuid.UUID, into_contact: uuid.UUID) -> uuid.UUID:
+        """Move every conversation and key of ``from_contact`` to ``into_contact``."""
+        if from_contact == into_contact:
+            raise InvalidCommand("cannot merge a contact into itself", field="from_contact_id")
+
+        async def attempt(conn: psycopg.AsyncConnection[Any]) -> uuid.UUID:
+            await self._merge(conn, from_contact, into_contact, _now())
+            return into_contact
+
+        return await self._retrying("merge_contacts", attempt)
+
+    async def _merge(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        from_contact: uuid.UUID,
+        into_contact: uuid.UUID,
+        now: dt.datetime,
+    ) -> None:
+        # Lock both rows in one order so two opposite merges cannot deadlock.
+        cur = await conn.execute(
+            "SELECT contact_id, merged_into FROM contacts WHERE contact_id = ANY(%s)"
+            " ORDER BY contact_id FOR UPDATE",
+            ([from_contact, into_contact],),
+        )
+        rows = {r[0]: r[1] for r in await cur.fetchall()}
+        for cid in (from_contact, into_contact):
+            if cid not in rows:
+                raise ContactNotFound(cid)
+            if rows[cid] is not None:
+                raise InvalidTransition(cid, "merge", f"already merged into {rows[cid]}")
+        # Keys first: a concurrent first message holds its key FOR SHARE, so this waits for it
+        # and the conversation it opened is moved by the next statement.
+        await conn.execute(
+            "UPDATE contact_keys SET contact_id = %s WHERE contact_id = %s",
+            (into_contact, from_contact),
+        )
+        cur = await conn.execute(
+            "UPDATE conversations SET contact_id = %s WHERE contact_id = %s"
+            " RETURNING conversation_id",
+            (into_contact, from_contact),
+        )
+        moved = tuple(sorted(r[0] for r in await cur.fetchall()))
+        await conn.execute(
+            "UPDATE contacts SET merged_into = %s WHERE contact_id = %s",
+            (into_contact, from_contact),
+        )
+        merged = ContactsMerged(from_contact, into_contact, now, moved)
+        await self.store.append(
+            contact_stream(into_contact), [self._event(merged)], connection=conn
+        )
+
+
+class _Conflict(Exception):
+    """Internal: the caller's If-Match version is stale (not retried)."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(stream_id)
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+def _reopens(
+    policy: str,
+    window: dt.timedelta | None,
+    closed_at: dt.datetime | None,
+    sent_at: dt.datetime,
+) -> bool:
+    if policy == "reopen-last":
+        return True
+    if policy == "reopen-within" and window is not None and closed_at is not None:
+        return sent_at - closed_at <= window
+    return False
+
+
+def _check_key(psid: str) -> None:
+    if not isinstance(psid, str) or not psid or len(psid) > MAX_ID or "\x00" in psid:
+        raise InvalidCommand(f"customer id must be 1-{MAX_ID} characters", field="psid")
+
+
+def _check_actor(by: str) -> None:
+    if not isinstance(by, str) or not by or len(by) > 200 or "\x00" in by:
+        raise InvalidCommand("the acting agent must be named in 1-200 characters", field="by")
+
+
+def _check_optional(field: str, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip() or len(value) > 320 or "\x00" in value:
+        raise InvalidCommand(f"{field} must be 1-320 characters", field=field)
+
+
+def _check_message(message: InboundMessage) -> None:
+    pid = message.provider_message_id
+    if not isinstance(pid, str) or not pid or len(pid) > MAX_ID or "\x00" in pid:
+        raise InvalidCommand(
+            f"provider message id must be 1-{MAX_ID} characters", field="provider_message_id"
+        )
+    if message.sent_at.tzinfo is None:
+        raise InvalidCommand("the message time must be timezone-aware", field="sent_at")
+    if message.text is not None and len(message.text) > MAX_TEXT:
+        raise InvalidCommand(f"text must be at most {MAX_TEXT} characters", field="text")
+    if message.text is not None and "\x00" in message.text:
+        # PostgreSQL's jsonb cannot hold U+0000; refuse it clearly rather than fail inside.
+        raise InvalidCommand("text must not contain NUL (U+0000) characters", field="text")
+    if message.text is None and not message.attachments:
+        raise InvalidCommand("a message needs text or attachments", field="text")

@@ -295,7 +295,13 @@ class EventStore:
             if exc.diag.constraint_name != "events_event_id_key":
                 raise_translated(exc)
             if in_caller_tx and not needs_savepoint:
-                raise
+                # The caller's transaction is aborted, so which ids are stored cannot be looked
+                # up; an idempotent retry never gets here (its version check fails first).
+                raise DuplicateEvent(
+                    stream_id,
+                    [e.event_id for e in events],
+                    "an event id of the batch is already stored; the transaction is aborted",
+                ) from exc
             return await self._resolve_rejected(conn, stream_id, events, expected_version, exc)
         if not rows:
             return await self._resolve_rejected(conn, stream_id, events, expected_version, None)
@@ -325,6 +331,15 @@ class EventStore:
         stored = {row[0]: row for row in await cur.fetchall()}
         if stored:
             error = self._idempotency_error(stream_id, events, expected_version, stored)
+            if isinstance(error, WrongExpectedVersion):
+                # The batch is stored, but after another version: report the stream's version.
+                current = await (
+                    await conn.execute(
+                        "SELECT version FROM streams WHERE stream_id = %s", (stream_id,)
+                    )
+                ).fetchone()
+                actual = int(current[0]) if current else 0
+                error = WrongExpectedVersion(stream_id, expected_version, actual)
             if error is not None:
                 raise error from cause
             rows = [stored[i] for i in ids]

@@ -1,0 +1,330 @@
+"""Conversation identity and commands (invariants 1-6), on a real PostgreSQL with real races."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from conversations.connections import add_connection
+from conversations.errors import InvalidCommand, InvalidTransition
+from conversations.events import CODEC, ConversationClosed, MessageReceived
+from conversations.service import ConversationService, InboundMessage
+from eventstore import EventStore, RecordedEvent, WrongExpectedVersion
+
+
+@pytest.fixture
+async def service(pool: AsyncConnectionPool[Any]) -> AsyncIterator[ConversationService]:
+    store = EventStore(pool, CODEC)
+    for name, channel, policy in (
+        ("fb", "messenger", "new"),
+        ("fb-last", "messenger", "reopen-last"),
+        ("fb-within", "instagram", "reopen-within=1h"),
+        ("web", "widget", "new"),
+    ):
+        await add_connection(
+            pool, name, channel=channel, external_id=f"ext-{name}", reopen_policy=policy
+        )
+    yield ConversationService(store)
+    await store.close()
+
+
+BASE = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def msg(mid: str, *, at: dt.datetime | None = None, text: str | None = None) -> InboundMessage:
+    return InboundMessage(provider_message_id=mid, sent_at=at or BASE, text=text or f"text {mid}")
+
+
+async def stream(service: ConversationService, conversation_id: uuid.UUID) -> list[RecordedEvent]:
+    return await service.store.read_stream(f"conversation-{conversation_id}")
+
+
+async def open_counts(service: ConversationService) -> dict[tuple[str, str], int]:
+    async with service.pool.connection() as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT connection, psid, count(*) FILTER (WHERE status <> 'closed')"
+                " FROM conversations GROUP BY 1, 2"
+            )
+        ).fetchall()
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def all_received(service: ConversationService) -> list[RecordedEvent]:
+    events: list[RecordedEvent] = []
+    after = None
+    while True:
+        page = await service.store.read_all(after, 1000, types=["MessageReceived"])
+        if not page:
+            return events
+        events.extend(page)
+        after = page[-1].checkpoint
+
+
+async def test_concurrent_first_messages_make_one_conversation_per_key(
+    service: ConversationService,
+) -> None:
+    deliveries = [(f"psid-{p}", f"m-{p}-{m}") for p in range(20) for m in range(10)]
+    redelivered = random.Random(7).sample(deliveries, 50)
+    calls = deliveries + redelivered
+    random.Random(11).shuffle(calls)
+    results = await asyncio.gather(
+        *(service.receive_inbound("fb", psid, msg(mid)) for psid, mid in calls)
+    )
+    assert len(results) == 250  # gather raises on the first error: no caller saw one
+    assert sum(not r.duplicate for r in results) == 200
+    by_key: dict[str, set[uuid.UUID]] = {}
+    for (psid, _), result in zip(calls, results, strict=True):
+        by_key.setdefault(psid, set()).add(result.conversation_id)
+    assert all(len(ids) == 1 for ids in by_key.values()), by_key
+    assert len(by_key) == 20
+    for psid, (conversation_id,) in by_key.items():
+        events = await stream(service, conversation_id)
+        received = [e.data.provider_message_id for e in events if e.type == "MessageReceived"]
+        expected = sorted(f"m-{psid.removeprefix('psid-')}-{m}" for m in range(10))
+        assert sorted(received) == expected
+        assert [e.type for e in events].count("ConversationOpened") == 1
+    assert set((await open_counts(service)).values()) == {1}
+    assert len(await all_received(service)) == 200
+
+
+async def test_redelivery_after_restart_is_stored_once(
+    service: ConversationService, pool: AsyncConnectionPool[Any]
+) -> None:
+    first = await service.receive_inbound("fb", "alice", msg("mid-1"))
+    restarted = ConversationService(EventStore(pool, CODEC))
+    again = await restarted.receive_inbound("fb", "alice", msg("mid-1"))
+    assert again.duplicate and again.message_id == first.message_id
+    assert again.conversation_id == first.conversation_id
+    assert len(await all_received(service)) == 1
+
+
+async def test_close_then_message_opens_new_conversation_by_default(
+    service: ConversationService,
+) -> None:
+    first = await service.receive_inbound("fb", "bob", msg("1"))
+    await service.close(first.conversation_id, by="agent-1", reason="solved")
+    second = await service.receive_inbound("fb", "bob", msg("2", at=BASE + dt.timedelta(hours=1)))
+    assert second.opened and second.conversation_id != first.conversation_id
+    old = await stream(service, first.conversation_id)
+    assert [e.type for e in old] == ["ConversationOpened", "MessageReceived", "ConversationClosed"]
+    assert (await service.conversation(first.conversation_id)).status == "closed"
+    assert (await service.conversation(second.conversation_id)).status == "open"
+    # the closed conversation keeps its history; both belong to the same contact
+    assert first.contact_id == second.contact_id
+
+
+async def test_reopen_last_policy_reopens_the_same_conversation(
+    service: ConversationService,
+) -> None:
+    first = await service.receive_inbound("fb-last", "carol", msg("1"))
+    await service.close(first.conversation_id, by="agent-1")
+    later = BASE + dt.timedelta(days=30)
+    second = await service.receive_inbound("fb-last", "carol", msg("2", at=later))
+    assert second.reopened and second.conversation_id == first.conversation_id
+    types = [e.type for e in await stream(service, first.conversation_id)]
+    assert types[-3:] == ["ConversationClosed", "ConversationReopened", "MessageReceived"]
+    assert (await service.conversation(first.conversation_id)).status == "open"
+
+
+async def test_reopen_within_window_inside_and_outside(service: ConversationService) -> None:
+    first = await service.receive_inbound("fb-within", "dave", msg("1"))
+    closed = await service.close(first.conversation_id, by="agent-1")
+    closed_at = (await service.conversation(first.conversation_id)).closed_at
+    assert closed_at is not None and closed.version == 3
+    inside = await service.receive_inbound(
+        "fb-within", "dave", msg("2", at=closed_at + dt.timedelta(minutes=59))
+    )
+    assert inside.reopened and inside.conversation_id == first.conversation_id
+    await service.close(first.conversation_id, by="agent-1")
+    closed_at = (await service.conversation(first.conversation_id)).closed_at
+    assert closed_at is not None
+    outside = await service.receive_inbound(
+        "fb-within", "dave", msg("3", at=closed_at + dt.timedelta(hours=1, seconds=1))
+    )
+    assert outside.opened and outside.conversation_id != first.conversation_id
+
+
+async def test_close_racing_fifty_messages_loses_none(service: ConversationService) -> None:
+    first = await service.receive_inbound("fb", "erin", msg("seed"))
+    mids = [f"race-{i}" for i in range(50)]
+
+    async def deliver(mid: str) -> Any:
+        await asyncio.sleep(random.uniform(0, 0.02))
+        return await service.receive_inbound("fb", "erin", msg(mid, at=BASE))
+
+    async def close() -> Any:
+        await asyncio.sleep(0.01)
+        return await service.close(first.conversation_id, by="agent-1")
+
+    results = await asyncio.gather(close(), *(deliver(m) for m in mids))
+    landed = results[1:]
+    old = await stream(service, first.conversation_id)
+    close_index = [e.type for e in old].index("ConversationClosed")
+    assert close_index == len(old) - 1, "nothing may follow the close in the same stream"
+    in_old = {e.data.provider_message_id for e in old if isinstance(e.data, MessageReceived)}
+    later_ids = {r.conversation_id for r in landed if r.conversation_id != first.conversation_id}
+    assert len(later_ids) <= 1
+    in_new: set[str] = set()
+    for cid in later_ids:
+        in_new |= {
+            e.data.provider_message_id
+            for e in await stream(service, cid)
+            if isinstance(e.data, MessageReceived)
+        }
+    assert in_old & in_new == set()
+    assert (in_old | in_new) == {"seed", *mids}
+    assert set((await open_counts(service)).values()) <= {0, 1}
+
+
+async def test_guest_history_follows_identification_and_merge(
+    service: ConversationService,
+) -> None:
+    # An existing registered client, first seen as a guest who identified with a client id.
+    client = await service.guest_sign_up("web", username="ann")
+    await service.receive_inbound("web", client.guest_id, msg("c-1"))
+    assert await service.identify(client.contact_id, client_id="client-42") == client.contact_id
+
+    guest = await service.guest_sign_up("web")
+    first = await service.receive_inbound("web", guest.guest_id, msg("g-1"))
+    await service.receive_inbound("web", guest.guest_id, msg("g-2"))
+    assert first.contact_id == guest.contact_id
+    survivor = await service.identify(guest.contact_id, client_id="client-42")
+    assert survivor == client.contact_id
+    owned = await service.contact_conversations(client.contact_id)
+    assert first.conversation_id in {c.conversation_id for c in owned}
+    # later messages of the guest key go to the surviving contact
+    after = await service.receive_inbound("web", guest.guest_id, msg("g-3"))
+    assert after.contact_id == client.contact_id
+    texts = [
+        e.data.text
+        for e in await stream(service, first.conversation_id)
+        if isinstance(e.data, MessageReceived)
+    ]
+    assert texts == ["text g-1", "text g-2", "text g-3"]
+
+
+async def test_identify_without_match_registers_and_matches_in_order(
+    service: ConversationService,
+) -> None:
+    a = await service.guest_sign_up("web")
+    assert await service.identify(a.contact_id, email="A@example.com") == a.contact_id
+    b = await service.guest_sign_up("web")
+    # email matches case-insensitively; client id would win over email if it matched anyone
+    assert await service.identify(b.contact_id, client_id="nobody", email="a@example.com") == (
+        a.contact_id
+    )
+
+
+async def test_merging_two_contacts_keeps_every_message(service: ConversationService) -> None:
+    x = await service.receive_inbound("fb", "x-psid", msg("x1"))
+    y = await service.receive_inbound("fb", "y-psid", msg("y1"))
+    await service.close(y.conversation_id, by="agent")
+    y2 = await service.receive_inbound("fb", "y-psid", msg("y2", at=BASE + dt.timedelta(hours=1)))
+    assert x.contact_id and y.contact_id
+    await service.merge_contacts(y.contact_id, x.contact_id)
+    owned = {c.conversation_id for c in await service.contact_conversations(x.contact_id)}
+    assert owned == {x.conversation_id, y.conversation_id, y2.conversation_id}
+    assert await service.contact_conversations(y.contact_id) == []
+    assert len(await all_received(service)) == 3
+    with pytest.raises(InvalidTransition):
+        await service.merge_contacts(y.contact_id, x.contact_id)
+
+
+async def test_snooze_until_time_and_until_next_reply(service: ConversationService) -> None:
+    c = await service.receive_inbound("fb", "frank", msg("1"))
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    await service.snooze(c.conversation_id, by="agent", until=until)
+    state = await service.conversation(c.conversation_id)
+    assert state.status == "snoozed" and state.snoozed_until == until
+    # a timed snooze holds through a customer message
+    await service.receive_inbound("fb", "frank", msg("2"))
+    assert (await service.conversation(c.conversation_id)).status == "snoozed"
+    await service.unsnooze(c.conversation_id, by="agent")
+    await service.snooze(c.conversation_id, by="agent")  # until the next customer message
+    assert (await service.conversation(c.conversation_id)).snooze_until_reply
+    same = await service.receive_inbound("fb", "frank", msg("3"))
+    assert same.conversation_id == c.conversation_id
+    assert (await service.conversation(c.conversation_id)).status == "open"
+    types = [e.type for e in await stream(service, c.conversation_id)]
+    assert types[-2:] == ["ConversationUnsnoozed", "MessageReceived"]
+    with pytest.raises(InvalidCommand):
+        await service.snooze(c.conversation_id, by="agent", until=dt.datetime(2020, 1, 1))
+
+
+async def test_soft_delete_hides_and_restore_shows(service: ConversationService) -> None:
+    c = await service.receive_inbound("fb", "gina", msg("1"))
+    await service.delete(c.conversation_id, by="agent")
+    state = await service.conversation(c.conversation_id)
+    assert state.deleted and state.status == "closed"
+    # the key is released: the next message opens a new conversation, even under reopen-last
+    n = await service.receive_inbound("fb", "gina", msg("2", at=BASE + dt.timedelta(minutes=1)))
+    assert n.opened and n.conversation_id != c.conversation_id
+    await service.restore(c.conversation_id, by="agent")
+    assert not (await service.conversation(c.conversation_id)).deleted
+    types = [e.type for e in await stream(service, c.conversation_id)]
+    assert types == [
+        "ConversationOpened",
+        "MessageReceived",
+        "ConversationClosed",
+        "ConversationDeleted",
+        "ConversationRestored",
+    ]
+    # reopening it would make two open conversations for one key: refused
+    with pytest.raises(InvalidTransition):
+        await service.reopen(c.conversation_id, by="agent")
+
+
+async def test_stale_expected_version_is_a_conflict_with_the_actual_version(
+    service: ConversationService,
+) -> None:
+    c = await service.receive_inbound("fb", "hank", msg("1"))
+    with pytest.raises(WrongExpectedVersion) as info:
+        await service.close(c.conversation_id, by="agent", expected_version=1)
+    assert info.value.actual == 2 and info.value.expected == 1
+    done = await service.close(c.conversation_id, by="agent", expected_version=2)
+    assert done.version == 3
+    with pytest.raises(InvalidTransition) as closed:
+        await service.close(c.conversation_id, by="agent")
+    assert closed.value.version == 3
+
+
+async def test_agent_reply_and_read(service: ConversationService) -> None:
+    c = await service.receive_inbound("fb", "ivy", msg("1"))
+    r1 = await service.reply(c.conversation_id, by="agent", text="hello", idempotency_key="k1")
+    r2 = await service.reply(c.conversation_id, by="agent", text="hello", idempotency_key="k1")
+    assert r2.duplicate and r1.event_ids == r2.event_ids
+    await service.mark_read(c.conversation_id, by="agent", up_to_message_id=c.message_id)
+    types = [e.type for e in await stream(service, c.conversation_id)]
+    assert types == ["ConversationOpened", "MessageReceived", "MessageSent", "MessagesRead"]
+    with pytest.raises(InvalidCommand):
+        await service.mark_read(c.conversation_id, by="agent", up_to_message_id=uuid.uuid4())
+
+
+async def test_bad_input_is_refused_and_stores_nothing(service: ConversationService) -> None:
+    for bad in (
+        InboundMessage(provider_message_id="", sent_at=BASE, text="x"),
+        InboundMessage(provider_message_id="m", sent_at=BASE, text="nul \x00 here"),
+        InboundMessage(provider_message_id="m", sent_at=BASE.replace(tzinfo=None), text="x"),
+        InboundMessage(provider_message_id="m", sent_at=BASE),
+    ):
+        with pytest.raises(InvalidCommand):
+            await service.receive_inbound("fb", "jack", bad)
+    with pytest.raises(InvalidCommand):
+        await service.receive_inbound("fb", "", msg("1"))
+    assert await service.store.read_all() == []
+
+
+async def test_events_decode_to_the_domain_union(service: ConversationService) -> None:
+    c = await service.receive_inbound("fb", "kim", msg("1"))
+    await service.close(c.conversation_id, by="agent", reason="done")
+    events = await stream(service, c.conversation_id)
+    assert isinstance(events[-1].data, ConversationClosed)
+    assert events[-1].data.reason == "done"

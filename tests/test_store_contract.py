@@ -82,6 +82,26 @@ async def max_position(pool: Pool) -> int:
     return int(row[0])
 
 
+async def settled(store: EventStore) -> None:
+    """Wait until the global-log fence has passed every stored event.
+
+    The fence is cluster-wide: a transaction in another database of the same server (another
+    test run creating its database, say) holds it back for a moment. Tests that assert what
+    ``read_all`` returns wait for it first; tests about the fence itself do not use this.
+    """
+    async with asyncio.timeout(WAIT):
+        while True:
+            async with store.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())"
+                    " > coalesce(max(transaction_id), '0'::xid8) FROM events"
+                )
+                row = await cur.fetchone()
+            if row is not None and row[0]:
+                return
+            await asyncio.sleep(0.01)
+
+
 async def collect(
     subscription: AsyncGenerator[RecordedEvent, None],
     count: int,
@@ -407,6 +427,7 @@ async def test_append_joins_a_callers_transaction_that_commits(
             assert await store.read_all() == []
             assert await store.stream_version("chat-1") == 0
         assert first.version == 2 and second.version == 1 and third.version == 3
+    await settled(store)
     logged = await store.read_all()
     assert [(e.stream_id, e.stream_version) for e in logged] == [
         ("chat-1", 1),
@@ -566,6 +587,7 @@ async def test_recorded_events_carry_what_was_appended(store: EventStore) -> Non
     assert recorded.position == result.positions[0]
     assert recorded.checkpoint == result.checkpoints[0]
     assert recorded.recorded_at.tzinfo is not None
+    await settled(store)
     assert await store.read_all() == [recorded]
 
 
@@ -575,6 +597,7 @@ async def test_recorded_events_carry_what_was_appended(store: EventStore) -> Non
 async def test_read_all_pages_after_checkpoints(store: EventStore) -> None:
     for i in range(7):
         await store.append(f"chat-{i % 3}", evs(1 + i % 2))
+    await settled(store)
     everything = await store.read_all()
     assert len(everything) == 10
     assert [e.checkpoint for e in everything] == sorted(e.checkpoint for e in everything)
@@ -593,6 +616,7 @@ async def test_read_all_pages_after_checkpoints(store: EventStore) -> None:
 async def test_read_all_accepts_checkpoints_as_strings(store: EventStore) -> None:
     for i in range(4):
         await store.append(f"chat-{i}", evs(2))
+    await settled(store)
     everything = await store.read_all()
     for index, event in enumerate(everything):
         text = str(event.checkpoint)
@@ -625,6 +649,7 @@ async def test_read_all_filters_by_category_and_type(store: EventStore) -> None:
     def shape(events: list[RecordedEvent]) -> list[tuple[str, str]]:
         return [(e.stream_id, e.type) for e in events]
 
+    await settled(store)
     assert shape(await store.read_all(categories=["conversation"])) == [
         ("conversation-1", "Opened"),
         ("conversation-1", "MessageReceived"),
@@ -663,6 +688,7 @@ async def test_read_all_can_skip_inactive_streams(store: EventStore, state: Stre
     def streams(events: list[RecordedEvent]) -> list[str]:
         return [e.stream_id for e in events]
 
+    await settled(store)
     assert streams(await store.read_all(skip_inactive_streams=True)) == [
         "chat-1",
         "chat-1",
@@ -706,12 +732,14 @@ async def test_set_stream_state_of_a_missing_stream_fails(store: EventStore) -> 
 
 async def test_read_all_does_not_see_an_open_transaction(store: EventStore, pool: Pool) -> None:
     before = await store.append("chat-1", evs(1))
+    await settled(store)
     async with pool.connection() as conn:
         async with conn.transaction():
             await store.append("chat-2", evs(1), connection=conn)
             after = await store.append("chat-3", evs(1))  # commits while the other is open
             assert ids(await store.read_all()) == ids(await store.read_stream("chat-1"))
             assert await store.head() == before.checkpoints[-1]
+    await settled(store)
     logged = await store.read_all()
     assert [e.stream_id for e in logged] == ["chat-1", "chat-2", "chat-3"]
     assert logged[-1].checkpoint == after.checkpoints[0]
@@ -751,6 +779,7 @@ async def test_structs_round_trip_through_the_codec(pool: Pool) -> None:
             "MessageReceived",
             "ConversationClosed",
         ]
+        await settled(store)
         assert [e.data for e in await store.read_all()] == payloads
         # The stored data is plain JSON that analysts can query in SQL.
         async with pool.connection() as conn:
@@ -785,6 +814,7 @@ async def test_an_unregistered_payload_is_refused(store: EventStore, pool: Pool)
 async def test_unregistered_types_decode_to_dicts_unless_strict(pool: Pool) -> None:
     writer = EventStore(pool)
     await writer.append("chat-1", [ev("Unknown", text="x")])
+    await settled(writer)
     assert [e.data for e in await writer.read_all()] == [{"text": "x"}]
     strict = EventStore(pool, EventCodec([MessageReceived], strict=True))
     with pytest.raises(UnknownEventType):
@@ -836,6 +866,7 @@ async def test_upcasters_turn_old_shapes_into_current_payloads(pool: Pool) -> No
             MessageReceived("c-1", "new"),
         ]
         assert [e.data for e in await store.read_stream("conversation-c-1")] == expected
+        await settled(store)
         assert [e.data for e in await store.read_all()] == expected
         # The stored type stays what was written; only the decoded payload is upcast.
         assert [e.type for e in await store.read_all()][0] == "MessageReceivedV1"
@@ -848,6 +879,7 @@ async def test_an_upcaster_to_an_unknown_type_fails_clearly(store: EventStore, p
     await store.append("chat-1", [ev("Old", a=1)])
     codec = EventCodec([MessageReceived], upcasters={"Old": lambda d: ("Nowhere", d)})
     with pytest.raises(UnknownEventType) as info:
+        await settled(store)
         await EventStore(pool, codec).read_all()
     assert info.value.type_name == "Nowhere"
 

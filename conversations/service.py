@@ -96,6 +96,9 @@ class InboundMessage(msgspec.Struct, frozen=True):
     reply_to: str | None = None
     quick_reply: str | None = None
     provider: str | None = None  # defaults to the connection's channel
+    #: the time part of the message's id (default ``sent_at``); fixed where the provider has
+    #: no stable timestamp, so a retry still maps to the same id
+    id_time: dt.datetime | None = None
 
 
 class InboundResult(msgspec.Struct, frozen=True):
@@ -253,7 +256,10 @@ class ConversationService:
         _check_key(psid)
         _check_message(message)
         message_id = deterministic_id(
-            _millis(message.sent_at), connection, "in", message.provider_message_id
+            _millis(message.id_time or message.sent_at),
+            connection,
+            "in",
+            message.provider_message_id,
         )
         meta = dict(metadata or {})
         return await self._retrying(

@@ -106,6 +106,23 @@ def _connections_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from .app import Settings, create_app
+
+    url = _url(args)
+    require_current_schema(url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_env(url)
+    if settings.api_token is None:
+        _err("convstore: CONVSTORE_API_TOKEN is not set: the agent API will answer 401")
+    web.run_app(create_app(settings), host=args.host, port=args.port, print=_err)
+    return 0
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     applied = migrate(_url(args))
     if applied:
@@ -161,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("migrate", help="apply pending migrations").set_defaults(run=_db_migrate)
     db.add_parser("verify", help="exit 1 unless the schema is current").set_defaults(run=_db_verify)
     db.add_parser("status", help="list applied and pending migrations").set_defaults(run=_db_status)
+
+    serve = commands.add_parser("serve", help="run the HTTP server (webhooks, widget, agent API)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(run=_serve)
 
     connections = commands.add_parser("connections", help="channel connections").add_subparsers(
         dest="connections_command", required=True

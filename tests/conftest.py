@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
@@ -118,3 +119,18 @@ async def store(pool: AsyncConnectionPool[Any]) -> AsyncIterator[EventStore]:
         yield store
     finally:
         await store.close()
+
+
+API_TOKEN = "test-api-token"
+
+
+@pytest.fixture
+async def http(database_url: str) -> AsyncIterator[TestClient[Any, Any]]:
+    """A client of the real application served on a loopback port, on the test's database."""
+    from handlers.app import Settings, create_app
+
+    app = create_app(
+        Settings(database_url=database_url, api_token=API_TOKEN, widget_secret="test-widget-secret")
+    )
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client

@@ -1,0 +1,224 @@
+"""The agent API (bearer token): conversation commands and contact identification.
+
+Every command honours ``If-Match: <version>`` (or ``"<version>"``) and answers 409 with the
+current version on a conflict; responses carry the new version in the body and in ``ETag``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from conversations.service import CommandResult
+
+from .app import METRICS, SERVICE, decode_json, json_response, require_api_token
+from .errors import HTTPError
+
+__all__ = ["add_routes", "agent_of", "conversation_id_of", "if_match"]
+
+_T = TypeVar("_T", bound=msgspec.Struct)
+
+
+class CloseBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /api/conversations/{id}/close``."""
+
+    reason: str | None = None
+
+
+class EmptyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Commands that take no fields."""
+
+
+class SnoozeBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST .../snooze``: until a time, or (no ``until``) until the customer's next message."""
+
+    until: dt.datetime | None = None
+
+
+class ReadBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST .../read``: read up to and including this message."""
+
+    up_to_message_id: uuid.UUID
+
+
+class ReplyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST .../messages``: an agent reply (with an ``Idempotency-Key`` header)."""
+
+    text: str
+    tag: str | None = None
+
+
+class IdentifyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /api/contacts/{id}/identify``."""
+
+    client_id: str | None = None
+    username: str | None = None
+    email: str | None = None
+    phone: str | None = None
+
+
+class MergeBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /api/contacts/{into}/merge``."""
+
+    from_contact_id: uuid.UUID
+
+
+def conversation_id_of(request: web.Request, name: str = "id") -> uuid.UUID:
+    """The UUID in the path, or 404 (a malformed id names no conversation)."""
+    try:
+        return uuid.UUID(request.match_info[name])
+    except ValueError:
+        raise HTTPError(404, "not_found", f"no conversation {request.match_info[name]!r}") from None
+
+
+def if_match(request: web.Request) -> int | None:
+    """The version in ``If-Match``, if any; 400 when it is not a version."""
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    text = raw.strip().removeprefix("W/").strip('"')
+    if not text.isdigit() or len(text) > 18:
+        raise HTTPError(400, "invalid_header", 'If-Match must be a stream version, e.g. "3"')
+    return int(text)
+
+
+def agent_of(request: web.Request) -> str:
+    """Who acts: ``X-Agent-Id`` (default ``api``)."""
+    agent = request.headers.get("X-Agent-Id", "api").strip()
+    if not agent or len(agent) > 200:
+        raise HTTPError(400, "invalid_header", "X-Agent-Id must be 1-200 characters")
+    return agent
+
+
+async def _body(request: web.Request, type_: type[_T]) -> _T:
+    if not request.can_read_body:
+        return msgspec.convert({}, type_)
+    return await decode_json(request, type_)
+
+
+def _result(result: CommandResult, status: int = 200) -> web.Response:
+    return json_response(
+        {
+            "conversation_id": result.conversation_id,
+            "version": result.version,
+            "event_ids": result.event_ids,
+            "duplicate": result.duplicate,
+        },
+        status=status,
+        headers={"ETag": f'"{result.version}"'},
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _command(run: Callable[[web.Request, uuid.UUID, int | None, str], Awaitable[Any]]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        require_api_token(request)
+        conversation_id = conversation_id_of(request)
+        started = time.perf_counter()
+        result = await run(request, conversation_id, if_match(request), agent_of(request))
+        request.app[METRICS].append_latency.labels("agent_command").observe(
+            time.perf_counter() - started
+        )
+        return _result(result)
+
+    return handler
+
+
+async def _close(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    body = await _body(request, CloseBody)
+    return await request.app[SERVICE].close(
+        cid, by=by, reason=body.reason, expected_version=version
+    )
+
+
+async def _reopen(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    await _body(request, EmptyBody)
+    return await request.app[SERVICE].reopen(cid, by=by, expected_version=version)
+
+
+async def _snooze(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    body = await _body(request, SnoozeBody)
+    return await request.app[SERVICE].snooze(cid, by=by, until=body.until, expected_version=version)
+
+
+async def _unsnooze(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    await _body(request, EmptyBody)
+    return await request.app[SERVICE].unsnooze(cid, by=by, expected_version=version)
+
+
+async def _read(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    body = await decode_json(request, ReadBody)
+    return await request.app[SERVICE].mark_read(
+        cid, by=by, up_to_message_id=body.up_to_message_id, expected_version=version
+    )
+
+
+async def _delete(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    return await request.app[SERVICE].delete(cid, by=by, expected_version=version)
+
+
+async def _restore(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    await _body(request, EmptyBody)
+    return await request.app[SERVICE].restore(cid, by=by, expected_version=version)
+
+
+async def _reply(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key:
+        raise HTTPError(400, "missing_header", "send an Idempotency-Key header with a reply")
+    body = await decode_json(request, ReplyBody)
+    result = await request.app[SERVICE].reply(
+        cid, by=by, text=body.text, idempotency_key=key, expected_version=version, tag=body.tag
+    )
+    if not result.duplicate:
+        request.app[METRICS].replies.labels("queued").inc()
+    return result
+
+
+async def identify(request: web.Request) -> web.Response:
+    """Identify a contact; on a match it is merged into the existing contact."""
+    require_api_token(request)
+    contact_id = conversation_id_of(request)
+    body = await decode_json(request, IdentifyBody)
+    survivor = await request.app[SERVICE].identify(
+        contact_id,
+        client_id=body.client_id,
+        username=body.username,
+        email=body.email,
+        phone=body.phone,
+    )
+    return json_response({"contact_id": survivor, "merged": survivor != contact_id})
+
+
+async def merge(request: web.Request) -> web.Response:
+    """Merge ``from_contact_id`` into the contact in the path."""
+    require_api_token(request)
+    into = conversation_id_of(request)
+    body = await decode_json(request, MergeBody)
+    survivor = await request.app[SERVICE].merge_contacts(body.from_contact_id, into)
+    return json_response({"contact_id": survivor, "merged": True})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the agent command routes."""
+    for suffix, run in (
+        ("close", _close),
+        ("reopen", _reopen),
+        ("snooze", _snooze),
+        ("unsnooze", _unsnooze),
+        ("read", _read),
+        ("restore", _restore),
+    ):
+        app.router.add_post(f"/api/conversations/{{id}}/{suffix}", _command(run))
+    app.router.add_post("/api/conversations/{id}/messages", _command(_reply))
+    app.router.add_delete("/api/conversations/{id}", _command(_delete))
+    app.router.add_post("/api/contacts/{id}/identify", identify)
+    app.router.add_post("/api/contacts/{id}/merge", merge)

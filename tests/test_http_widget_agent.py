@@ -1,0 +1,94 @@
+"""The widget and the agent command API through a real aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from psycopg_pool import AsyncConnectionPool
+
+from conversations.connections import add_connection
+from tests.conftest import API_TOKEN
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+async def _widget(pool: AsyncConnectionPool[Any]) -> None:
+    await add_connection(pool, "site", channel="widget", external_id="w1", secret_token="s3")
+
+
+async def test_guest_flow_is_idempotent_and_private(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    await _widget(pool)
+    a = await (await http.post("/widget/site/guests", json={"username": "ann"})).json()
+    b = await (await http.post("/widget/site/guests", json={})).json()
+    ha = {"Authorization": f"Bearer {a['token']}"}
+    hb = {"Authorization": f"Bearer {b['token']}"}
+    body = {"client_message_id": "c1", "text": "hi there 👋"}
+    first = await http.post("/widget/site/messages", json=body, headers=ha)
+    again = await http.post("/widget/site/messages", json=body, headers=ha)
+    assert first.status == 201 and again.status == 200
+    assert (await again.json())["duplicate"] is True
+    await http.post(
+        "/widget/site/messages", json={"client_message_id": "x", "text": "b's"}, headers=hb
+    )
+    mine = await (await http.get("/widget/site/messages", headers=ha)).json()
+    assert [m["text"] for m in mine["items"]] == ["hi there 👋"]
+    # a's token with b's guest id, or a forged token, is refused
+    forged = {"Authorization": f"Bearer {b['guest_id']}.{a['token'].rpartition('.')[2]}"}
+    assert (await http.get("/widget/site/messages", headers=forged)).status == 401
+    assert (await http.get("/widget/site/messages")).status == 401
+
+
+async def test_agent_commands_need_the_token_and_honour_if_match(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    await _widget(pool)
+    guest = await (await http.post("/widget/site/guests", json={})).json()
+    sent = await http.post(
+        "/widget/site/messages",
+        json={"client_message_id": "c1", "text": "help"},
+        headers={"Authorization": f"Bearer {guest['token']}"},
+    )
+    cid = (await sent.json())["conversation_id"]
+    assert (await http.post(f"/api/conversations/{cid}/close")).status == 401
+    stale = await http.post(f"/api/conversations/{cid}/close", headers={**AUTH, "If-Match": '"1"'})
+    assert stale.status == 409
+    assert (await stale.json())["current_version"] == 2
+    closed = await http.post(
+        f"/api/conversations/{cid}/close",
+        json={"reason": "done"},
+        headers={**AUTH, "If-Match": "2"},
+    )
+    assert closed.status == 200 and closed.headers["ETag"] == '"3"'
+    reply = await http.post(
+        f"/api/conversations/{cid}/messages", json={"text": "bye"}, headers=AUTH
+    )
+    assert reply.status == 400 and (await reply.json())["error"] == "missing_header"
+
+
+async def test_bad_bodies_get_clear_4xx(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    await _widget(pool)
+    r = await http.post(
+        "/widget/site/guests", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status == 400 and (await r.json())["error"] == "malformed_json"
+    r = await http.post("/widget/site/guests", data=b"{}", headers={"Content-Type": "text/plain"})
+    assert r.status == 415
+    r = await http.post("/widget/site/guests", json={"username": 5})
+    assert r.status == 400 and "username" in (await r.json())["message"]
+    r = await http.post(
+        "/widget/site/guests",
+        data=io.BytesIO(b"x" * (1024 * 1024 + 1)),
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status == 413
+    assert (await http.post("/widget/nope/guests", json={})).status == 404
+    assert (await http.get("/healthz")).status == 200
+    assert (await http.get("/readyz")).status == 200
+    metrics = await (await http.get("/metrics")).text()
+    assert "convstore_http_requests_total" in metrics

@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from eventstore import (
@@ -168,6 +169,10 @@ class _Retry(Exception):
     """Internal: the attempt lost a race; roll back and start again."""
 
 
+class _NeedsTransaction(Exception):
+    """Internal: an autocommit attempt found it must write several rows; redo in a transaction."""
+
+
 _LOOKUP_INBOUND = """
 SELECT
     (SELECT e.stream_id FROM events e WHERE e.event_id = %(message_id)s),
@@ -202,16 +207,32 @@ class ConversationService:
     # ------------------------------------------------------------------ plumbing
 
     async def _retrying(
-        self, command: str, attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
+        self,
+        command: str,
+        attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
+        *,
+        try_without_transaction: bool = False,
     ) -> _T:
-        """Run ``attempt`` in a transaction until it does not lose a race."""
+        """Run ``attempt`` in a transaction until it does not lose a race.
+
+        With ``try_without_transaction`` the first attempt runs in autocommit: an attempt whose
+        only write is one version-checked statement needs no BEGIN/COMMIT round trips, and
+        raises :class:`_NeedsTransaction` when it finds it must write more than that.
+        """
+        in_transaction = not try_without_transaction
         for n in range(_ATTEMPTS):
             try:
                 async with self.pool.connection() as conn:
-                    async with conn.transaction():
+                    if in_transaction:
+                        async with conn.transaction():
+                            result = await attempt(conn)
+                    else:
                         result = await attempt(conn)
                 self.store.wake_subscribers()
                 return result
+            except _NeedsTransaction:
+                in_transaction = True
+                continue
             except (_Retry, WrongExpectedVersion, DuplicateEvent):
                 pass
             except pg_errors.UniqueViolation as exc:
@@ -221,6 +242,7 @@ class ConversationService:
                 pass
             except psycopg.Error as exc:
                 raise_translated(exc)
+            in_transaction = True
             self.stats.conflicts_retried += 1
             await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
         raise RetriesExhausted(command, _ATTEMPTS)
@@ -265,6 +287,7 @@ class ConversationService:
         return await self._retrying(
             "receive_inbound",
             lambda conn: self._inbound(conn, connection, psid, message, message_id, meta),
+            try_without_transaction=True,
         )
 
     async def _inbound(
@@ -323,6 +346,14 @@ class ConversationService:
             )
             return self._event(payload, event_id=message_id, **metadata)
 
+        # The common case, a message to an open conversation, is one version-checked append
+        # and may run in autocommit; everything else writes several rows in a transaction.
+        in_transaction = conn.info.transaction_status == TransactionStatus.INTRANS
+        fast = conversation_id is not None and (
+            status == "open" or (status == "snoozed" and not snooze_until_reply)
+        )
+        if not fast and not in_transaction:
+            raise _NeedsTransaction
         if conversation_id is not None and status in ("open", "snoozed"):
             events = [received_in(conversation_id)]
             if status == "snoozed" and snooze_until_reply:

@@ -210,7 +210,7 @@ def require_api_token(request: web.Request) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The application with every route; the pool opens on start-up and closes on clean-up."""
-    from . import agent, widget
+    from . import agent, meta, telegram, widget
 
     app = web.Application(middlewares=[_observe], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
@@ -224,4 +224,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     widget.add_routes(app)
     agent.add_routes(app)
+    meta.add_routes(app)
+    telegram.add_routes(app)
     return app

@@ -121,9 +121,10 @@ class Delivery(msgspec.Struct, frozen=True):
 class Messaging(msgspec.Struct, frozen=True):
     """One ``entry[].messaging[]`` item."""
 
-    sender: Party
-    recipient: Party
     timestamp: Millis
+    # Absent on some items (a plugin opt-in has no sender); a message needs its customer's.
+    sender: Party | None = None
+    recipient: Party | None = None
     message: MetaMessage | None = None
     read: Read | None = None
     delivery: Delivery | None = None
@@ -303,10 +304,10 @@ async def receive(request: web.Request) -> web.Response:
 
     # Every item of every verified entry, applied one at a time in timestamp order (stable).
     items = [
-        (entry, item)
-        for entry in delivery.entry
+        (entry, _checked(item, f"$.entry[{e}].messaging[{m}]"))
+        for e, entry in enumerate(delivery.entry)
         if entry.id in verified
-        for item in entry.messaging or ()
+        for m, item in enumerate(entry.messaging or ())
     ]
     items.sort(key=lambda pair: pair[1].timestamp)
     summary.items = len(items)
@@ -329,12 +330,32 @@ async def receive(request: web.Request) -> web.Response:
     return json_response(summary)
 
 
+def _customer(item: Messaging) -> str | None:
+    """The customer's id: the sender of a message, the recipient of an echo."""
+    party = item.recipient if item.message is not None and item.message.is_echo else item.sender
+    return party.id if party is not None else None
+
+
+def _checked(item: Messaging, path: str) -> Messaging:
+    """The item, if a message names its customer; 400 (before anything is stored) if not."""
+    if item.message is not None and _customer(item) is None:
+        party = "recipient" if item.message.is_echo else "sender"
+        raise HTTPError(
+            400,
+            "invalid_field",
+            f"Object missing required field `{party}` - at `{path}`",
+            field=f"{path}.{party}",
+        )
+    return item
+
+
 async def _apply(
     service: ConversationService, connection: Connection, entry: Entry, item: Messaging
 ) -> str:
     """Store one item; the outcome's kind for the counter."""
     message = item.message
-    if message is not None:
+    psid = _customer(item)
+    if message is not None and psid is not None:  # _checked: a message has its customer
         attachments = _attachments(message)
         if message.text is None and not attachments:
             # Deleted (unsent) or unsupported messages carry neither: nothing to store.
@@ -345,7 +366,7 @@ async def _apply(
             # customer is the recipient.
             echo = await service.record_echo(
                 connection.name,
-                item.recipient.id,
+                psid,
                 provider_message_id=message.mid,
                 text=message.text,
                 sent_at=sent_at,
@@ -368,7 +389,7 @@ async def _apply(
         )
         result = await service.receive_inbound(
             connection.name,
-            item.sender.id,
+            psid,
             inbound,
             metadata={"received_via": "meta", "entry_id": entry.id},
         )

@@ -14,8 +14,11 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from conversations.connections import add_connection
@@ -390,6 +393,17 @@ async def test_meta_bad_bodies_get_clear_4xx(
     response = await post_meta(http, nul)
     assert response.status == 400
     assert "$.entry[0].messaging[0].message.text" in (await response.json())["message"]
+    # a message must name its customer; the check runs before anything of the body is stored
+    no_sender = {"recipient": {"id": PAGE}, "timestamp": T0, "message": {"mid": "m", "text": "x"}}
+    body = _body("page", (PAGE, [_inbound("P", "m0", T0, "ok"), no_sender]))
+    response = await post_meta(http, body)
+    assert response.status == 400
+    assert (await response.json())["field"] == "$.entry[0].messaging[1].sender"
+    assert await event_count(pool) == 0
+    # items that need no sender (a checkbox plugin opt-in) are accepted and skipped
+    optin = {"recipient": {"id": PAGE}, "timestamp": T0, "optin": {"user_ref": "u-1"}}
+    response = await post_meta(http, _body("page", (PAGE, [optin])))
+    assert response.status == 200 and (await response.json())["skipped"] == 1
     body = _body("page", (PAGE, [_inbound("P", "m", T0, "x")]))
     response = await post_meta(http, body, **{"Content-Type": "text/plain"})
     assert response.status == 415
@@ -606,3 +620,64 @@ async def test_telegram_bad_bodies_get_clear_4xx(
     plain = await post_telegram(http, _update(3, 3), content_type="text/plain")
     assert plain.status == 415
     assert await event_count(pool) == 3  # only the one valid update: contact, opened, message
+
+
+# --------------------------------------------------------------------------- the database away
+
+
+async def test_webhooks_answer_503_while_postgres_is_away_and_the_retry_stores_once(
+    http: TestClient[Any, Any],
+    pool: AsyncConnectionPool[Any],
+    events: EventStore,
+    server_url: str,
+    database_url: str,
+) -> None:
+    await _page(pool)
+    await _bot(pool)
+    name = conninfo_to_dict(database_url)["dbname"]
+    meta_body = _body("page", (PAGE, [_inbound("PSID-1", "m_1", T0, "hello")]))
+    update = _update(1, 1)
+
+    def cut_off(allow: bool) -> None:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(name), sql.Literal(allow)
+                )
+            )
+            if not allow:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+
+    await asyncio.to_thread(cut_off, False)
+    try:
+        for response in (await post_meta(http, meta_body), await post_telegram(http, update)):
+            assert response.status == 503
+            assert response.headers["Retry-After"].isdigit()
+            assert (await response.json())["error"] == "unavailable"
+    finally:
+        await asyncio.to_thread(cut_off, True)
+    # The providers retry until PostgreSQL is back (the app's pool drops the connections that
+    # were cut off as it meets them), then retry again: each delivery is stored once.
+    for _ in range(2):
+        for post in (lambda: post_meta(http, meta_body), lambda: post_telegram(http, update)):
+            for _attempt in range(20):
+                response = await post()
+                if response.status != 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert response.status == 200
+    await pool.check()  # the test's own pool lost its connections too
+    [meta] = await conversations_of(pool, events, "page", "PSID-1")
+    [telegram] = await conversations_of(pool, events, "bot", "987654321")
+    assert (
+        [e.type for e in meta]
+        == [e.type for e in telegram]
+        == [
+            "ConversationOpened",
+            "MessageReceived",
+        ]
+    )

@@ -271,10 +271,10 @@ async def receive(request: web.Request) -> web.Response:
         summary.unknown_entries = len(unknown)
         app[METRICS].unknown_entries.labels(channel or "other").inc(len(unknown))
         log.warning(
-            "meta delivery: %d entries for unregistered ids skipped (object=%.40r ids=%.200s)",
+            "meta delivery: %d entries for unregistered ids skipped (object=%.40r ids=%.300r)",
             len(unknown),
             delivery.object,
-            ",".join(sorted({entry.id[:64] for entry in unknown})[:5]),
+            sorted({entry.id[:64] for entry in unknown})[:5],  # repr: no raw newlines
         )
     if not known:
         # Nothing routes to a connection, so there is no secret to check and nothing to store.

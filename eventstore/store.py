@@ -66,6 +66,7 @@ NOTIFY_CHANNEL: Final = "convstore_events"
 Direction = str  # "forwards" | "backwards"
 
 _GENERIC_JSON = msgspec.json.Decoder(dict[str, Any])
+_ANY_JSON = msgspec.json.Decoder()  # event data may be any JSON value, not only an object
 _JSON = msgspec.json.Encoder()
 
 # Each variant moves the stream row to its new version and inserts the events in one statement.
@@ -303,6 +304,13 @@ class EventStore:
                     "an event id of the batch is already stored; the transaction is aborted",
                 ) from exc
             return await self._resolve_rejected(conn, stream_id, events, expected_version, exc)
+        except pg_errors.DataError as exc:
+            # Class 22 (by SQLSTATE): data or metadata that is not valid JSON, or that jsonb
+            # cannot store (a \u0000 escape). Nothing was stored.
+            raise InvalidAppend(
+                f"append to {stream_id!r}: PostgreSQL refused the event data or metadata"
+                f" (SQLSTATE {exc.sqlstate}): events need valid JSON without \\u0000"
+            ) from exc
         if not rows:
             return await self._resolve_rejected(conn, stream_id, events, expected_version, None)
         rows.sort(key=lambda r: r[2])
@@ -378,9 +386,7 @@ class EventStore:
             return DuplicateEvent(stream_id, elsewhere, "stored in another stream")
         for event in events:
             row = stored[event.event_id]
-            if row[3] != event.type or _GENERIC_JSON.decode(row[4]) != _GENERIC_JSON.decode(
-                event.data
-            ):
+            if row[3] != event.type or _ANY_JSON.decode(row[4]) != _ANY_JSON.decode(event.data):
                 return DuplicateEvent(stream_id, [event.event_id], "stored with other content")
         versions = [stored[i][2] for i in ids]
         first = versions[0]

@@ -277,6 +277,19 @@ async def test_an_idempotent_retry_accepts_payload_key_order(store: EventStore) 
     assert await store.append("chat-1", [retry], NO_STREAM) == original
 
 
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"3", b"null", b"true"])
+async def test_data_need_not_be_an_object(store: EventStore, data: bytes) -> None:
+    """Any JSON value is stored, read back, and recognised on an idempotent retry."""
+    event = NewEvent(uuid7(), "Noted", data)
+    original = await store.append("chat-1", [event], NO_STREAM)
+    assert await store.append("chat-1", [event], NO_STREAM) == original
+    assert await store.append("chat-1", [event], ANY) == original
+    [stored] = await store.read_stream("chat-1")
+    assert stored.data == msgspec.json.decode(data)
+    with pytest.raises(DuplicateEvent):
+        await store.append("chat-1", [NewEvent(event.event_id, "Noted", b"[2, 1]")], ANY)
+
+
 @pytest.mark.parametrize("expected", [5, NO_STREAM], ids=["exact", "no_stream"])
 async def test_retrying_with_another_expected_version_is_a_conflict(
     store: EventStore, pool: Pool, expected: Expected
@@ -391,6 +404,12 @@ INVALID: dict[str, tuple[Any, Any, Any]] = {
     "too-long-stream-id": ("chat-" + "x" * 600, [ev()], ANY),
     "non-str-stream-id": (42, [ev()], ANY),
     "empty-type": ("chat-1", [NewEvent(uuid7(), "", b"{}")], ANY),
+    "data-not-json": ("chat-1", [NewEvent(uuid7(), "T", b"not json")], ANY),
+    "data-empty": ("chat-1", [NewEvent(uuid7(), "T", b"")], NO_STREAM),
+    "data-trailing-garbage": ("chat-1", [NewEvent(uuid7(), "T", b'{"a": 1} x')], 0),
+    "data-nul-escape": ("chat-1", [NewEvent(uuid7(), "T", b'{"a": "\\u0000"}')], ANY),
+    "metadata-nul": ("chat-1", [NewEvent(uuid7(), "T", b"{}", {"a": "x\x00"})], ANY),
+    "second-event-bad": ("chat-1", [ev(), NewEvent(uuid7(), "T", b"{")], STREAM_EXISTS),
 }
 
 
@@ -404,6 +423,18 @@ async def test_invalid_input_is_rejected_and_stores_nothing(
     assert await table_counts(pool) == (0, 0)
     # The rejection took no sequence number and left the store usable.
     assert (await store.append("chat-1", [ev()], NO_STREAM)).positions == (1,)
+
+
+async def test_invalid_data_inside_a_callers_transaction_is_invalid_append(
+    store: EventStore, pool: Pool
+) -> None:
+    async with pool.connection() as conn:
+        async with conn.transaction():
+            with pytest.raises(InvalidAppend):
+                await store.append("chat-1", [NewEvent(uuid7(), "T", b"{")], ANY, connection=conn)
+            # ANY appends run under a savepoint, so the transaction stays usable.
+            await store.append("chat-1", [ev()], ANY, connection=conn)
+    assert await store.stream_version("chat-1") == 1
 
 
 async def test_invalid_append_is_a_value_error(store: EventStore) -> None:

@@ -27,6 +27,7 @@ from eventstore import (
     NO_STREAM,
     START,
     EventStore,
+    ExpectedVersion,
     NewEvent,
     RecordedEvent,
     WrongExpectedVersion,
@@ -137,6 +138,32 @@ async def test_racing_writers_with_exact_versions_lose_nothing(database_url: str
         assert len({e.event_id for e in log}) == total
         # Four writers per stream cannot all have won every race.
         assert conflicts > 0
+    finally:
+        await store.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("expected", [NO_STREAM, 0, ANY, 3], ids=lambda e: f"expected-{e!r}")
+async def test_concurrent_retries_of_one_batch_store_it_once(
+    database_url: str, expected: ExpectedVersion | int
+) -> None:
+    """Redeliveries racing each other all get the one original result; nothing is doubled."""
+    pool = await open_pool(database_url, min_size=4, max_size=12)
+    store = EventStore(pool)
+    try:
+        if expected == 3:
+            await store.append("dup-1", [ev(n=n) for n in range(3)])
+        batch = [ev(n=n) for n in range(3)]
+        async with asyncio.timeout(WAIT):
+            results = await asyncio.gather(
+                *(store.append("dup-1", batch, expected) for _ in range(12))
+            )
+        assert len(set(results)) == 1
+        recorded = await store.read_stream("dup-1")
+        base = 3 if expected == 3 else 0
+        assert [e.event_id for e in recorded[base:]] == [e.event_id for e in batch]
+        assert results[0].version == base + 3 == await store.stream_version("dup-1")
+        assert len(await read_everything(store)) == base + 3
     finally:
         await store.close()
         await pool.close()

@@ -1,0 +1,386 @@
+"""Rebuilding a read model from history while the current one keeps serving.
+
+``rebuild`` fills ``rm_<name>_next`` from the start of the log (query indexes deferred to the
+end, statistics refreshed), then swaps it in with one transaction: lock the live tables, apply
+the last few events to the new ones, rename ``rm_<name>`` away and ``rm_<name>_next`` into its
+place, drop the old schema. Queries name ``rm_<name>`` and see either the old tables or the new
+ones, never a mix; a live projector blocked by the swap resumes on the new tables from their
+own checkpoint, which is at least as far as the old one (the swap catches up under the lock).
+
+An interrupted rebuild is resumed by the next one (the next schema keeps its checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Final
+
+import msgspec
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from eventstore import START, Checkpoint
+
+from .base import (
+    CHECKPOINT_TABLE,
+    Projection,
+    ProjectionError,
+    live_schema,
+    new_instance_id,
+    next_schema,
+)
+from .progress import Progress
+from .runner import (
+    DDL_LOCK,
+    REBUILD_LOCK,
+    Applier,
+    CatchUp,
+    _connect,
+    _Failure,
+    _sleep,
+    advisory_key,
+    clear_failure,
+    log,
+)
+
+__all__ = [
+    "RebuildBusy",
+    "RebuildFailed",
+    "RebuildResult",
+    "build_into",
+    "compare_read_models",
+    "events_after",
+    "rebuild",
+]
+
+_SWAP_ATTEMPTS: Final = 30
+
+
+class RebuildResult(msgspec.Struct, frozen=True):
+    """What a rebuild did."""
+
+    name: str
+    version: int
+    events: int
+    seconds: float
+    checkpoint: Checkpoint
+    swapped: bool
+    resumed: bool = False
+
+
+class RebuildBusy(ProjectionError):
+    """Another rebuild of the same projection is running."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"another rebuild of {name!r} is running")
+        self.name = name
+
+
+class RebuildFailed(ProjectionError):
+    """An event stopped the rebuild; the live read model is untouched."""
+
+    def __init__(self, name: str, failure: _Failure) -> None:
+        event = failure.event
+        super().__init__(
+            f"rebuild of {name!r} stopped at event {event.event_id} ({event.type} in"
+            f" {event.stream_id} at {event.checkpoint}) after {failure.attempts} attempts:"
+            f" {failure.error}"
+        )
+        self.name = name
+        self.event = event
+        self.error = failure.error
+
+
+async def events_after(conn: psycopg.AsyncConnection[Any], checkpoint: Checkpoint) -> int:
+    """How many events the log holds after ``checkpoint`` (committed, fence or not)."""
+    row = await (
+        await conn.execute(
+            "SELECT count(*) FROM events WHERE (transaction_id, position) > (%s::text::xid8, %s)",
+            (str(checkpoint.transaction_id), checkpoint.position),
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _catch_up(
+    conn: psycopg.AsyncConnection[Any],
+    catch: CatchUp,
+    stop: asyncio.Event,
+    *,
+    until: Checkpoint | None = None,
+    on_batch: Any = None,
+) -> tuple[int, Checkpoint | None, bool]:
+    """Apply batches until caught up; (events, last checkpoint, finished) — not finished when
+    stopped. Raises :class:`RebuildFailed` on an event that keeps failing."""
+    done = 0
+    last: Checkpoint | None = None
+    while True:
+        result = await catch.step(conn, until=until)
+        if isinstance(result, _Failure):
+            raise RebuildFailed(catch.applier.projection.name, result)
+        if isinstance(result, float):
+            await _sleep(stop, None, result)
+        else:
+            done += result.events
+            last = result.checkpoint
+            if on_batch is not None:
+                on_batch(done)
+            if result.caught_up:
+                return done, last, True
+        if stop.is_set():
+            return done, last, False
+
+
+async def build_into(
+    pool: AsyncConnectionPool[Any],
+    projection: Projection,
+    schema: str,
+    *,
+    conn: psycopg.AsyncConnection[Any] | None = None,
+    until: Checkpoint | None = None,
+    batch_size: int = 1000,
+    replace: bool = False,
+) -> Checkpoint:
+    """Build ``projection`` from the start of the log into ``schema``; return its checkpoint.
+
+    For one-off builds: a check against the live model, a model as of ``until`` (inclusive).
+    ``schema="pg_temp"`` builds temporary tables, visible to ``conn`` only (so pass it). With
+    ``replace``, an existing schema of that name is dropped first.
+    """
+    if conn is None:
+        async with pool.connection() as own:
+            return await build_into(
+                pool,
+                projection,
+                schema,
+                conn=own,
+                until=until,
+                batch_size=batch_size,
+                replace=replace,
+            )
+    applier = Applier(pool, projection, schema)
+    try:
+        return await _build_into(conn, applier, until, batch_size, replace)
+    finally:
+        await applier.close()
+
+
+async def _build_into(
+    conn: psycopg.AsyncConnection[Any],
+    applier: Applier,
+    until: Checkpoint | None,
+    batch_size: int,
+    replace: bool,
+) -> Checkpoint:
+    schema = applier.schema
+    if replace and schema != "pg_temp":
+        await conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+    await applier.create(conn, defer_indexes=True)
+    catch = CatchUp(applier, batch_size=batch_size, max_attempts=1)
+    _, last, _ = await _catch_up(conn, catch, asyncio.Event(), until=until)
+    await applier.create_indexes(conn)
+    state = await applier.state(conn)
+    return state[0] if state is not None else (last or START)
+
+
+async def rebuild(
+    pool: AsyncConnectionPool[Any],
+    projection: Projection,
+    *,
+    batch_size: int = 1000,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
+    wait: bool = False,
+    if_outdated: bool = False,
+    lock_timeout: float = 2.0,
+    max_attempts: int = 3,
+) -> RebuildResult:
+    """Build the projection's next read model from history and swap it in.
+
+    ``wait`` waits for a rebuild already running instead of raising :class:`RebuildBusy`;
+    ``if_outdated`` skips the work when the live model already has the code's version (what a
+    projector wants after waiting). Returns with ``swapped=False`` when ``stop`` is set first;
+    the next rebuild resumes where this one stopped.
+    """
+    stop = stop or asyncio.Event()
+    name = projection.name
+    started = time.monotonic()
+    lock = await _connect(pool, f"convstore rebuild {name}")
+    try:
+        key = advisory_key(REBUILD_LOCK, name)
+        while True:
+            row = await (await lock.execute("SELECT pg_try_advisory_lock(%s, %s)", key)).fetchone()
+            if row is not None and row[0]:
+                break
+            if not wait:
+                raise RebuildBusy(name)
+            await _sleep(stop, None, 1.0)
+            if stop.is_set():
+                return RebuildResult(name, projection.version, 0, 0.0, START, swapped=False)
+        async with pool.connection() as conn:
+            live = Applier(pool, projection, live_schema(name))
+            if if_outdated:
+                state = await live.state(conn)
+                if state is not None and state[1] == projection.version:
+                    return RebuildResult(name, projection.version, 0, 0.0, state[0], swapped=True)
+            target = Applier(pool, projection, next_schema(name), instance=new_instance_id())
+            try:
+                result = await _rebuild(
+                    pool, conn, target, batch_size, progress, stop, lock_timeout, max_attempts
+                )
+            finally:
+                await target.close()
+        return msgspec.structs.replace(result, seconds=time.monotonic() - started)
+    finally:
+        await lock.close()
+
+
+async def _rebuild(
+    pool: AsyncConnectionPool[Any],
+    conn: psycopg.AsyncConnection[Any],
+    target: Applier,
+    batch_size: int,
+    progress: Progress | None,
+    stop: asyncio.Event,
+    lock_timeout: float,
+    max_attempts: int,
+) -> RebuildResult:
+    projection = target.projection
+    name = projection.name
+    state = await target.state(conn)
+    resumed = state is not None and state[1] == projection.version
+    if resumed and state is not None:
+        log.info("%s: resuming the rebuild in %s at %s", name, target.schema, state[0])
+        checkpoint = state[0]
+    else:
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(target.schema))
+            )
+            await target.create(conn, defer_indexes=True)
+        checkpoint = START
+    total = await events_after(conn, checkpoint)
+    catch = CatchUp(target, batch_size=batch_size, max_attempts=max_attempts)
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress.update(done, max(total, done))
+
+    done, _, finished = await _catch_up(conn, catch, stop, on_batch=report)
+    if not finished:
+        return RebuildResult(name, projection.version, done, 0.0, checkpoint, False, resumed)
+    # Index builds take a while on big tables; the events that came meanwhile go in after.
+    await target.create_indexes(conn)
+    more, _, finished = await _catch_up(conn, catch, stop, on_batch=lambda n: report(done + n))
+    done += more
+    if not finished:
+        return RebuildResult(name, projection.version, done, 0.0, checkpoint, False, resumed)
+    done += await _swap(conn, projection, target, catch, lock_timeout)
+    if progress is not None:
+        progress.finish(done)
+    await clear_failure(conn, name)
+    await conn.execute(
+        "INSERT INTO projection_status (name, state, rebuilt_at) VALUES (%s, 'stopped', now())"
+        " ON CONFLICT (name) DO UPDATE SET rebuilt_at = now(), updated_at = now()",
+        (name,),
+    )
+    state = await Applier(pool, projection, live_schema(name)).state(conn)
+    final = state[0] if state is not None else START
+    log.info("%s: rebuilt (%d events) and swapped in at %s", name, done, final)
+    return RebuildResult(name, projection.version, done, 0.0, final, True, resumed)
+
+
+async def _swap(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    target: Applier,
+    catch: CatchUp,
+    lock_timeout: float,
+) -> int:
+    """Swap the built schema in, in one transaction; return the events applied meanwhile."""
+    live = live_schema(projection.name)
+    old = live + "_old"
+    for attempt in range(_SWAP_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, %s)",
+                    advisory_key(DDL_LOCK, projection.name),
+                )
+                # Waiting behind a long query would stall every query queued behind us: give
+                # up quickly and try again instead.
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (f"{int(lock_timeout * 1000)}ms",),
+                )
+                cur = await conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = %s"
+                    " ORDER BY tablename <> %s, tablename",
+                    (live, CHECKPOINT_TABLE),
+                )
+                tables = [row[0] for row in await cur.fetchall()]
+                if tables:
+                    # The checkpoint first: a projector waits there, before touching any row.
+                    await conn.execute(
+                        sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                            sql.SQL(", ").join(sql.Identifier(live, t) for t in tables)
+                        )
+                    )
+                done, _, _ = await _catch_up(conn, catch, asyncio.Event())
+                has_live = await (
+                    await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (live,))
+                ).fetchone()
+                if has_live and has_live[0]:
+                    await conn.execute(
+                        sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                            sql.Identifier(live), sql.Identifier(old)
+                        )
+                    )
+                await conn.execute(
+                    sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                        sql.Identifier(target.schema), sql.Identifier(live)
+                    )
+                )
+                if has_live and has_live[0]:
+                    await conn.execute(
+                        sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
+                    )
+            return done
+        except pg_errors.LockNotAvailable:
+            log.info("%s: live tables busy; retrying the swap", projection.name)
+            await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
+    raise ProjectionError(
+        f"could not swap the rebuilt {projection.name!r} in: its tables stayed busy"
+    )
+
+
+async def compare_read_models(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    schema_a: str,
+    schema_b: str,
+) -> dict[str, tuple[int, int]]:
+    """Per table, (rows only in ``schema_a``, rows only in ``schema_b``), as multisets.
+
+    All zeros: the two read models are equal row for row.
+    """
+    differences: dict[str, tuple[int, int]] = {}
+    for table in projection.tables:
+        a = sql.Identifier(schema_a, table)
+        b = sql.Identifier(schema_b, table)
+        row = await (
+            await conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM (TABLE {a} EXCEPT ALL TABLE {b}) x),"
+                    " (SELECT count(*) FROM (TABLE {b} EXCEPT ALL TABLE {a}) y)"
+                ).format(a=a, b=b)
+            )
+        ).fetchone()
+        assert row is not None
+        differences[table] = (int(row[0]), int(row[1]))
+    return differences

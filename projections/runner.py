@@ -1,0 +1,863 @@
+"""The projector: apply the global log to read models, exactly once, one instance at a time.
+
+Exactly once
+------------
+Every batch is one transaction: lock the schema's checkpoint row, read the events after it
+(:meth:`EventStore.read_all`, which applies the snapshot-xmin fence), apply them, move the
+checkpoint. A process killed at any instant either committed the batch and its checkpoint or
+neither. The row lock also serialises two appliers that both believe they lead (a network
+partition), so even then no batch is applied twice.
+
+One active instance
+-------------------
+Each projection has a session advisory lock. The instance holding it applies; the others are
+hot standbys that retry the lock every ``standby_interval`` seconds, so when the leader dies
+(its session ends and PostgreSQL releases the lock) one of them carries on within that time.
+
+Waking up
+---------
+One LISTEN connection per process wakes every runner on :data:`eventstore.NOTIFY_CHANNEL`;
+each runner also polls every ``poll_interval`` seconds, because a notification can come before
+the fence has passed the new event (or be lost with its connection).
+
+Failures
+--------
+A batch that fails is retried event by event to find the event at fault (at once when the
+projection names it with :class:`EventFailed`). That event is retried with exponential
+backoff, ``max_attempts`` times in all; then the projection stops and ``projection_status``
+records the event, its position and the error. Nothing is skipped, and the other projections
+of the process go on. A lost database connection is not an event's fault: the runner waits and
+reconnects for as long as it takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Sequence
+from typing import Any, Final, Literal, cast
+
+import msgspec
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from eventstore import (
+    NOTIFY_CHANNEL,
+    Checkpoint,
+    DatabaseUnavailable,
+    EventStore,
+    RecordedEvent,
+)
+
+from .base import (
+    CHECKPOINT_TABLE,
+    EventFailed,
+    Projection,
+    ProjectionError,
+    TolerantCodec,
+    checkpoint_ddl,
+    live_schema,
+    new_instance_id,
+)
+
+__all__ = [
+    "Applier",
+    "BatchFailed",
+    "BatchResult",
+    "Outcome",
+    "ProjectionRunner",
+    "CatchUp",
+    "VersionMismatch",
+    "Waker",
+    "advisory_key",
+    "clear_failure",
+    "record_failure",
+    "run_projections",
+]
+
+log = logging.getLogger("convstore.projections")
+
+#: First half of the advisory lock key of a projection's leader (the second is its name's CRC).
+LEADER_LOCK: Final = 0x70726F6A  # "proj"
+#: First half of the advisory lock key held by a rebuild of a projection.
+REBUILD_LOCK: Final = 0x72626C64  # "rbld"
+#: First half of the transaction-level lock that serialises a projection's DDL (create, swap).
+DDL_LOCK: Final = 0x64646C30  # "ddl0"
+
+Outcome = Literal["caught-up", "stopped", "failed", "busy"]
+
+
+def advisory_key(namespace: int, name: str) -> tuple[int, int]:
+    """The two-int advisory lock key of ``name`` in ``namespace`` (both positive int4)."""
+    return namespace, zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """True for errors that are the database's (or the network's), not an event's."""
+    if isinstance(exc, DatabaseUnavailable):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        sqlstate = exc.sqlstate
+        return sqlstate is None or sqlstate[:2] in ("08", "57")
+    return isinstance(exc, psycopg.InterfaceError | OSError)
+
+
+class BatchResult(msgspec.Struct, frozen=True):
+    """What one batch did: events read (applied or skipped) and the checkpoint after them."""
+
+    events: int
+    checkpoint: Checkpoint
+    caught_up: bool
+
+
+class BatchFailed(ProjectionError):
+    """A batch failed; carries the events it read and, when known, which one failed."""
+
+    def __init__(
+        self, events: Sequence[RecordedEvent], cause: BaseException, index: int | None = None
+    ) -> None:
+        super().__init__(str(cause) if index is not None else f"{type(cause).__name__}: {cause}")
+        self.events = tuple(events)
+        self.cause = cause
+        #: the failing event's index in ``events`` (``None``: some event of the batch)
+        self.index = index
+
+
+class VersionMismatch(ProjectionError):
+    """The read model was built by another version of the projection's code."""
+
+    def __init__(self, name: str, schema: str, found: int, code: int) -> None:
+        action = "it will be rebuilt" if found < code else "upgrade convstore"
+        super().__init__(
+            f"read model {name!r} in {schema} is version {found}, this code is version {code}:"
+            f" {action}"
+        )
+        self.found = found
+        self.code = code
+
+
+class Applier:
+    """Applies the log to one schema of one projection, a batch per transaction.
+
+    ``schema`` may be any schema (``rm_<name>`` for the live model, ``rm_<name>_next`` for a
+    rebuild, ``pg_temp`` for temporary tables): the projection's code is the same for all.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        projection: Projection,
+        schema: str,
+        *,
+        instance: str | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        self.projection = projection
+        self.schema = schema
+        self.instance = instance or new_instance_id()
+        # The projector's own reader: decodes with the projection's codec, and turns a row it
+        # cannot decode into a stand-in instead of failing the batch without naming the row.
+        self.store = EventStore(pool, TolerantCodec(projection.codec))
+        #: Read the next batch on another pool connection while writing one.
+        self.prefetch = prefetch
+        self._prefetch: tuple[Checkpoint, int, asyncio.Future[list[RecordedEvent]]] | None = None
+        table = sql.Identifier(schema, CHECKPOINT_TABLE)
+        # Asynchronous commit: a server crash can lose the last batches, but each batch with
+        # its checkpoint, so they are applied again; the model is never torn. It saves a WAL
+        # flush per batch.
+        self._lock_checkpoint = sql.SQL(
+            "SELECT transaction_id, position, set_config('synchronous_commit', 'off', true)"
+            " FROM {t} WHERE projection = %s FOR UPDATE"
+        ).format(t=table)
+        self._move_checkpoint = sql.SQL(
+            "UPDATE {t} SET transaction_id = %s, position = %s, events = events + %s,"
+            " applied_by = %s, updated_at = now() WHERE projection = %s"
+        ).format(t=table)
+        self._read_checkpoint = sql.SQL(
+            "SELECT transaction_id, position, version, indexed FROM {t} WHERE projection = %s"
+        ).format(t=table)
+
+    async def state(
+        self, conn: psycopg.AsyncConnection[Any]
+    ) -> tuple[Checkpoint, int, bool] | None:
+        """(checkpoint, version, indexed) of the schema; ``None`` when it has no tables."""
+        exists = await (
+            await conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL",
+                (sql.Identifier(self.schema, CHECKPOINT_TABLE).as_string(conn),),
+            )
+        ).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = await (await conn.execute(self._read_checkpoint, (self.projection.name,))).fetchone()
+        if row is None:
+            return None
+        return Checkpoint(row[0], row[1]), int(row[2]), bool(row[3])
+
+    async def create(
+        self, conn: psycopg.AsyncConnection[Any], *, defer_indexes: bool = False
+    ) -> None:
+        """Create the schema (unless ``pg_temp``), the tables and a checkpoint at the start.
+
+        Runs in the caller's transaction if there is one. With ``defer_indexes`` the query
+        indexes wait for :meth:`create_indexes` (a rebuild loads faster without them).
+        """
+        async with conn.transaction():
+            if self.schema != "pg_temp":
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+            await conn.execute(checkpoint_ddl(self.schema))
+            for statement in self.projection.table_ddl(self.schema):
+                await conn.execute(statement)
+            if not defer_indexes:
+                for statement in self.projection.index_ddl(self.schema):
+                    await conn.execute(statement)
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {t} (projection, version, indexed, applied_by)"
+                    " VALUES (%s, %s, %s, %s)"
+                ).format(t=sql.Identifier(self.schema, CHECKPOINT_TABLE)),
+                (self.projection.name, self.projection.version, not defer_indexes, self.instance),
+            )
+
+    async def create_indexes(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Create the deferred query indexes and refresh the planner's statistics."""
+        state = await self.state(conn)
+        if state is not None and not state[2]:
+            async with conn.transaction():
+                for statement in self.projection.index_ddl(self.schema):
+                    await conn.execute(statement)
+                await conn.execute(
+                    sql.SQL("UPDATE {t} SET indexed = true").format(
+                        t=sql.Identifier(self.schema, CHECKPOINT_TABLE)
+                    )
+                )
+        for table in self.projection.tables:
+            await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(self.schema, table)))
+
+    # ------------------------------------------------------------------ read-ahead
+    #
+    # While a batch is written, the next one is read on another connection, so PostgreSQL
+    # executes the writes while Python decodes the next events (two cores instead of one).
+    # Safe because the fence makes a read a stable prefix of the log: the events after a
+    # checkpoint, once returned, are the first ones after it for ever. A read-ahead is used only
+    # if the locked checkpoint is the one it started from, and only when it filled a batch
+    # (a short one may have missed events that arrived since).
+
+    def _start_prefetch(self, after: Checkpoint, limit: int) -> None:
+        self._cancel_prefetch()
+        task = asyncio.ensure_future(self.store.read_all(after, limit))
+        self._prefetch = (after, limit, task)
+
+    def _cancel_prefetch(self) -> None:
+        if self._prefetch is not None:
+            task = self._prefetch[2]
+            self._prefetch = None
+            task.cancel()
+            # The task's outcome (often a cancellation) is not needed; silence it.
+            task.add_done_callback(_ignore_outcome)
+
+    async def _prefetched(self, checkpoint: Checkpoint, limit: int) -> list[RecordedEvent] | None:
+        if self._prefetch is None:
+            return None
+        after, wanted, task = self._prefetch
+        if after != checkpoint or wanted != limit:
+            self._cancel_prefetch()
+            return None
+        self._prefetch = None
+        try:
+            events = await task
+        except Exception:  # a failed read-ahead is only a missed optimisation
+            return None
+        return events if len(events) == limit else None
+
+    async def close(self) -> None:
+        """Cancel a pending read-ahead (call when done with the applier)."""
+        if self._prefetch is not None:
+            task = self._prefetch[2]
+            self._cancel_prefetch()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def apply_batch(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        limit: int,
+        *,
+        until: Checkpoint | None = None,
+    ) -> BatchResult:
+        """Apply up to ``limit`` events after the checkpoint, with the checkpoint, atomically.
+
+        ``until`` stops at that checkpoint (inclusive): a build of the model as of a place in
+        the log. Raises :class:`BatchFailed` when it cannot (nothing is written then).
+        """
+        try:
+            return await self._apply_batch(conn, limit, until)
+        except BaseException:
+            self._cancel_prefetch()
+            raise
+
+    async def _apply_batch(
+        self, conn: psycopg.AsyncConnection[Any], limit: int, until: Checkpoint | None
+    ) -> BatchResult:
+        async with conn.transaction():
+            row = await (
+                await conn.execute(self._lock_checkpoint, (self.projection.name,))
+            ).fetchone()
+            if row is None:
+                raise ProjectionError(f"{self.schema} has no checkpoint for {self.projection}")
+            checkpoint = Checkpoint(row[0], row[1])
+            if until is not None and checkpoint >= until:
+                return BatchResult(0, checkpoint, True)
+            events = await self._prefetched(checkpoint, limit)
+            if events is None:
+                events = await self.store.read_all(checkpoint, limit, connection=conn)
+            full = len(events) == limit
+            if until is not None and events and events[-1].checkpoint > until:
+                events = [e for e in events if e.checkpoint <= until]
+                full = False
+            if not events:
+                return BatchResult(0, checkpoint, True)
+            if full and self.prefetch and until is None:
+                self._start_prefetch(events[-1].checkpoint, limit)
+            handles = self.projection.handles
+            relevant = [e for e in events if e.type in handles]
+            if relevant:
+                try:
+                    await self.projection.apply(conn, self.schema, relevant)
+                except EventFailed as exc:
+                    index = next(
+                        (i for i, e in enumerate(events) if e.checkpoint == exc.event.checkpoint),
+                        None,
+                    )
+                    raise BatchFailed(events, exc, index) from exc
+                except Exception as exc:
+                    if _unavailable(exc):
+                        raise
+                    raise BatchFailed(events, exc) from exc
+            last = events[-1].checkpoint
+            await conn.execute(
+                self._move_checkpoint,
+                (
+                    last.transaction_id,
+                    last.position,
+                    len(events),
+                    self.instance,
+                    self.projection.name,
+                ),
+            )
+        return BatchResult(len(events), last, not full)
+
+
+class _Failure(msgspec.Struct, frozen=True):
+    """An event that failed ``attempts`` times in a row."""
+
+    event: RecordedEvent
+    error: str
+    attempts: int
+
+
+class CatchUp:
+    """Drives an :class:`Applier` batch after batch, isolating and retrying failing events.
+
+    Shared by the live runner and the rebuild, so both treat a bad event the same way.
+    """
+
+    def __init__(
+        self,
+        applier: Applier,
+        *,
+        batch_size: int = 1000,
+        max_attempts: int = 5,
+        retry_delay: float = 0.5,
+        max_retry_delay: float = 30.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, not {batch_size}")
+        self.applier = applier
+        self.batch_size = batch_size
+        self.max_attempts = max(1, max_attempts)
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self._careful = 0  # events still to apply one by one after a failed batch
+        self._prefix = 0  # events known good before a failing one
+        self._attempts = 0
+        self.last_error: str | None = None
+
+    async def step(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        until: Checkpoint | None = None,
+    ) -> BatchResult | _Failure | float:
+        """Apply one batch. Returns its result; a delay to wait before the next try; or the
+        failure that should stop the projection."""
+        if self._prefix:
+            limit = self._prefix
+        elif self._careful:
+            limit = 1
+        else:
+            limit = self.batch_size
+        try:
+            result = await self.applier.apply_batch(conn, limit, until=until)
+        except BatchFailed as exc:
+            return self._failed(exc)
+        self._attempts = 0
+        self._prefix = 0
+        self._careful = max(0, self._careful - result.events)
+        return result
+
+    def _failed(self, exc: BatchFailed) -> _Failure | float:
+        self.last_error = str(exc)
+        self._prefix = 0
+        if exc.index is None and len(exc.events) > 1:
+            # Find the culprit: the events of this batch again, one transaction each.
+            self._careful = len(exc.events)
+            log.warning("%s: batch failed (%s); retrying it event by event", self._label, exc)
+            return 0.0
+        index = exc.index or 0
+        if index > 0:
+            # The projection named the event: apply the good ones before it as one batch,
+            # then the failing one alone.
+            self._prefix = index
+            self._careful = max(self._careful, 1)
+            return 0.0
+        event = exc.events[index]
+        self._careful = max(self._careful, 1)
+        self._attempts += 1
+        if self._attempts >= self.max_attempts:
+            return _Failure(event, str(exc), self._attempts)
+        delay = min(self.retry_delay * 2.0 ** (self._attempts - 1), self.max_retry_delay)
+        log.warning(
+            "%s: event %s at %s failed (attempt %d of %d, next in %.1fs): %s",
+            self._label,
+            event.event_id,
+            event.checkpoint,
+            self._attempts,
+            self.max_attempts,
+            delay,
+            exc,
+        )
+        return delay
+
+    @property
+    def _label(self) -> str:
+        return f"{self.applier.projection.name} ({self.applier.schema})"
+
+
+class Waker:
+    """One LISTEN connection per process; wakes every registered runner on a notification."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+        self._events: list[asyncio.Event] = []
+
+    def register(self) -> asyncio.Event:
+        """An event set whenever new appends are announced."""
+        event = asyncio.Event()
+        self._events.append(event)
+        return event
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Listen until ``stop``; reconnect after a lost connection (runners poll meanwhile)."""
+        while not stop.is_set():
+            try:
+                conn = await _connect(self.pool, "convstore projector listener")
+                try:
+                    await conn.execute("LISTEN " + NOTIFY_CHANNEL)
+                    while not stop.is_set():
+                        async for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            for event in self._events:
+                                event.set()
+                finally:
+                    await conn.close()
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
+                log.warning("wake-up listener lost its connection (%s); reconnecting", exc)
+                await _sleep(stop, None, 1.0)
+
+
+async def _connect(
+    pool: AsyncConnectionPool[Any], application_name: str
+) -> psycopg.AsyncConnection[Any]:
+    """A connection of its own (not from the pool), with the pool's settings."""
+    kwargs = dict(cast(dict[str, Any], pool.kwargs))
+    kwargs["application_name"] = application_name
+    try:
+        return await psycopg.AsyncConnection.connect(cast(str, pool.conninfo), **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+
+
+async def _sleep(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Wait ``timeout`` seconds, or less if ``stop`` (or ``wake``) is set first."""
+    if timeout <= 0 or stop.is_set():
+        return
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if wake is not None:
+        wake.clear()
+
+
+class ProjectionRunner:
+    """Runs one projection: wins (or waits for) leadership, catches up, follows the log."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        projection: Projection,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 0.5,
+        standby_interval: float = 1.0,
+        max_attempts: int = 5,
+        retry_delay: float = 0.5,
+        instance: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.projection = projection
+        self.schema = live_schema(projection.name)
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.standby_interval = standby_interval
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+        self.instance = instance or new_instance_id()
+        self.applier = Applier(pool, projection, self.schema, instance=self.instance)
+        #: True while this instance holds the projection's leader lock.
+        self.is_leader = False
+
+    @property
+    def _app_name(self) -> str:
+        return f"convstore projector {self.projection.name}"
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        *,
+        once: bool = False,
+        wake: asyncio.Event | None = None,
+    ) -> Outcome:
+        """Run until ``stop`` is set (or, with ``once``, until caught up with the log).
+
+        Returns ``caught-up`` (once), ``stopped``, ``failed`` (the projection stopped; see
+        ``projection_status``) or ``busy`` (once, and another instance leads).
+        """
+        try:
+            return await self._run(stop, once, wake)
+        except Exception as exc:
+            # Whatever went wrong stops this projection only; the process's others go on.
+            log.error(
+                "%s: stopped: %s",
+                self.projection.name,
+                exc,
+                exc_info=not isinstance(exc, ProjectionError),
+            )
+            with contextlib.suppress(Exception):
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "INSERT INTO projection_status AS s (name, state, last_error,"
+                        " last_error_at) VALUES (%s, 'stopped', %s, now())"
+                        " ON CONFLICT (name) DO UPDATE SET state = CASE WHEN"
+                        " s.failed_checkpoint IS NULL THEN 'stopped' ELSE 'failed' END,"
+                        " last_error = EXCLUDED.last_error, last_error_at = now(),"
+                        " updated_at = now()",
+                        (self.projection.name, str(exc)[:4000]),
+                    )
+            return "failed"
+
+    async def _run(self, stop: asyncio.Event, once: bool, wake: asyncio.Event | None) -> Outcome:
+        delay = 0.5
+        while not stop.is_set():
+            lock: psycopg.AsyncConnection[Any] | None = None
+            try:
+                lock = await _connect(self.pool, self._app_name + " standby")
+                if not await self._lead(lock, stop, once):
+                    return "busy" if once and not stop.is_set() else "stopped"
+                return await self._serve(lock, stop, once, wake)
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
+                log.warning(
+                    "%s: database unavailable (%s); retrying in %.1fs",
+                    self.projection.name,
+                    exc,
+                    delay,
+                )
+                await _sleep(stop, None, delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                self.is_leader = False
+                if lock is not None:
+                    # Ending the session releases the advisory lock for a standby.
+                    with contextlib.suppress(Exception):
+                        await lock.close()
+        return "stopped"
+
+    async def _lead(
+        self, lock: psycopg.AsyncConnection[Any], stop: asyncio.Event, once: bool
+    ) -> bool:
+        """Take the leader lock, waiting as a standby; False if stopped (or busy, once)."""
+        key = advisory_key(LEADER_LOCK, self.projection.name)
+        announced = False
+        while not stop.is_set():
+            row = await (await lock.execute("SELECT pg_try_advisory_lock(%s, %s)", key)).fetchone()
+            if row is not None and row[0]:
+                await lock.execute(
+                    sql.SQL("SET application_name = {}").format(
+                        sql.Literal(self._app_name + " leader")
+                    )
+                )
+                self.is_leader = True
+                log.info("%s: leading as %s", self.projection.name, self.instance)
+                return True
+            if once:
+                log.info("%s: another instance is active; nothing to do", self.projection.name)
+                return False
+            if not announced:
+                log.info("%s: standing by (another instance leads)", self.projection.name)
+                announced = True
+            await _sleep(stop, None, self.standby_interval)
+        return False
+
+    async def _serve(
+        self,
+        lock: psycopg.AsyncConnection[Any],
+        stop: asyncio.Event,
+        once: bool,
+        wake: asyncio.Event | None,
+    ) -> Outcome:
+        try:
+            return await self._serve_on(lock, stop, once, wake)
+        finally:
+            await self.applier.close()
+
+    async def _serve_on(
+        self,
+        lock: psycopg.AsyncConnection[Any],
+        stop: asyncio.Event,
+        once: bool,
+        wake: asyncio.Event | None,
+    ) -> Outcome:
+        async with self.pool.connection() as conn:
+            await self._set_state(conn, "running")
+            failed_at = await self._recorded_failure(conn)
+            if not await self._prepare(conn, stop):
+                return "stopped"
+            catch = CatchUp(
+                self.applier,
+                batch_size=self.batch_size,
+                max_attempts=self.max_attempts,
+                retry_delay=self.retry_delay,
+            )
+            loop = asyncio.get_running_loop()
+            checked = loop.time()
+            while not stop.is_set():
+                result = await catch.step(conn)
+                if isinstance(result, _Failure):
+                    await self._record_failure(conn, result)
+                    return "failed"
+                if isinstance(result, float):
+                    await _sleep(stop, None, result)
+                    continue
+                if failed_at is not None and result.checkpoint >= failed_at:
+                    log.info("%s: applied past the event that had failed", self.projection.name)
+                    await clear_failure(conn, self.projection.name)
+                    failed_at = None
+                if not result.caught_up:
+                    continue
+                if once:
+                    break
+                if loop.time() - checked > 5.0:
+                    # The lock's session must still be alive, else another instance may lead.
+                    await lock.execute("SELECT 1")
+                    checked = loop.time()
+                await _sleep(stop, wake, self.poll_interval)
+            await self._set_state(conn, "stopped")
+            return "caught-up" if once and not stop.is_set() else "stopped"
+
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
+        """Create the live read model if missing; rebuild it if an older version built it.
+
+        Returns False when stopped during a rebuild.
+        """
+        state = await self.applier.state(conn)
+        if state is None:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, %s)",
+                    advisory_key(DDL_LOCK, self.projection.name),
+                )
+                if await self.applier.state(conn) is None:
+                    log.info("%s: creating the read model in %s", self.projection.name, self.schema)
+                    await self.applier.create(conn)
+            return True
+        version = state[1]
+        if version == self.projection.version:
+            return True
+        mismatch = VersionMismatch(
+            self.projection.name, self.schema, version, self.projection.version
+        )
+        if version > self.projection.version:
+            raise mismatch
+        log.warning("%s", mismatch)
+        from .rebuild import rebuild
+
+        result = await rebuild(
+            self.pool, self.projection, batch_size=self.batch_size, stop=stop, wait=True
+        )
+        return result.swapped
+
+    async def _recorded_failure(self, conn: psycopg.AsyncConnection[Any]) -> Checkpoint | None:
+        row = await (
+            await conn.execute(
+                "SELECT failed_checkpoint FROM projection_status"
+                " WHERE name = %s AND failed_checkpoint IS NOT NULL",
+                (self.projection.name,),
+            )
+        ).fetchone()
+        if row is None:
+            return None
+        log.info("%s: retrying the event that stopped it at %s", self.projection.name, row[0])
+        return Checkpoint.parse(row[0])
+
+    async def _set_state(self, conn: psycopg.AsyncConnection[Any], state: str) -> None:
+        # A recorded failure outlives a clean stop: the state goes back to 'failed'.
+        await conn.execute(
+            """
+            INSERT INTO projection_status AS s (name, state, leader, leader_since)
+            VALUES (%s, %s, %s, now())
+            ON CONFLICT (name) DO UPDATE SET
+                state = CASE WHEN EXCLUDED.state = 'stopped' AND s.failed_checkpoint IS NOT NULL
+                             THEN 'failed' ELSE EXCLUDED.state END,
+                leader = EXCLUDED.leader,
+                leader_since = CASE WHEN s.leader IS NOT DISTINCT FROM EXCLUDED.leader
+                                    THEN s.leader_since ELSE now() END,
+                updated_at = now()
+            """,
+            (self.projection.name, state, self.instance),
+        )
+
+    async def _record_failure(self, conn: psycopg.AsyncConnection[Any], failure: _Failure) -> None:
+        event = failure.event
+        log.error(
+            "%s: stopped: event %s (%s in %s at %s) failed %d times: %s",
+            self.projection.name,
+            event.event_id,
+            event.type,
+            event.stream_id,
+            event.checkpoint,
+            failure.attempts,
+            failure.error,
+        )
+        await record_failure(conn, self.projection.name, event, failure.error, failure.attempts)
+
+
+async def clear_failure(conn: psycopg.AsyncConnection[Any], name: str) -> None:
+    """Forget the failure on record for projection ``name`` (it got past the event)."""
+    await conn.execute(
+        "UPDATE projection_status SET failed_event_id = NULL, failed_event_type = NULL,"
+        " failed_stream_id = NULL, failed_checkpoint = NULL, failed_attempts = NULL,"
+        " state = CASE WHEN state = 'failed' THEN 'running' ELSE state END, updated_at = now()"
+        " WHERE name = %s",
+        (name,),
+    )
+
+
+async def record_failure(
+    conn: psycopg.AsyncConnection[Any],
+    name: str,
+    event: RecordedEvent,
+    error: str,
+    attempts: int,
+) -> None:
+    """Record in ``projection_status`` that ``event`` stopped projection ``name``."""
+    await conn.execute(
+        """
+        INSERT INTO projection_status AS s (
+            name, state, last_error, last_error_at, failed_event_id, failed_event_type,
+            failed_stream_id, failed_checkpoint, failed_attempts)
+        VALUES (%s, 'failed', %s, now(), %s, %s, %s, %s, %s)
+        ON CONFLICT (name) DO UPDATE SET
+            state = 'failed', last_error = EXCLUDED.last_error, last_error_at = now(),
+            failed_event_id = EXCLUDED.failed_event_id,
+            failed_event_type = EXCLUDED.failed_event_type,
+            failed_stream_id = EXCLUDED.failed_stream_id,
+            failed_checkpoint = EXCLUDED.failed_checkpoint,
+            failed_attempts = EXCLUDED.failed_attempts,
+            updated_at = now()
+        """,
+        (
+            name,
+            error[:4000],
+            event.event_id,
+            event.type,
+            event.stream_id,
+            str(event.checkpoint),
+            attempts,
+        ),
+    )
+
+
+async def run_projections(
+    pool: AsyncConnectionPool[Any],
+    projections: Sequence[Projection],
+    *,
+    stop: asyncio.Event | None = None,
+    once: bool = False,
+    batch_size: int = 1000,
+    poll_interval: float = 0.5,
+    standby_interval: float = 1.0,
+    max_attempts: int = 5,
+    retry_delay: float = 0.5,
+    instance: str | None = None,
+) -> dict[str, Outcome]:
+    """Run a runner per projection until ``stop`` (or, ``once``, until each caught up).
+
+    A projection that fails stops alone; the others go on. Returns each one's outcome.
+    """
+    stop = stop or asyncio.Event()
+    instance = instance or new_instance_id()
+    waker = Waker(pool)
+    runners = [
+        ProjectionRunner(
+            pool,
+            projection,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            standby_interval=standby_interval,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+            instance=instance,
+        )
+        for projection in projections
+    ]
+    listener: asyncio.Task[None] | None = None
+    if not once:
+        listener = asyncio.create_task(waker.run(stop))
+    try:
+        outcomes = await asyncio.gather(
+            *(runner.run(stop, once=once, wake=waker.register()) for runner in runners)
+        )
+    finally:
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+    return {
+        runner.projection.name: outcome for runner, outcome in zip(runners, outcomes, strict=True)
+    }

@@ -21,6 +21,7 @@ from conversations.connections import add_connection, list_connections
 from eventstore.database import open_pool, resolve_database_url
 from eventstore.errors import ConvstoreError, SchemaMismatch
 from eventstore.migrations import check_schema, migrate, schema_status
+from projections.cli import register as register_projection_commands
 
 __all__ = ["build_parser", "main", "require_current_schema", "run_with_pool"]
 
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     connections.add_parser("list", help="list connections (secrets are not shown)").set_defaults(
         run=_connections_list
     )
+    register_projection_commands(commands)
     return parser
 
 

@@ -27,7 +27,7 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, Final, LiteralString, cast
+from typing import Any, Final, LiteralString, NamedTuple, cast
 
 import msgspec
 import psycopg
@@ -159,6 +159,15 @@ LIMIT 1
 """
 
 _EventRow = tuple[int, int, uuid.UUID, str, int, str, bytes, bytes, dt.datetime]
+
+
+class _LogFilter(NamedTuple):
+    categories: Iterable[str] | None
+    types: Iterable[str] | None
+    streams: Iterable[str] | None
+    since: dt.datetime | None
+    until: dt.datetime | None
+    skip_inactive_streams: bool
 
 
 class EventStore:
@@ -459,15 +468,24 @@ class EventStore:
         *,
         categories: Iterable[str] | None = None,
         types: Iterable[str] | None = None,
+        streams: Iterable[str] | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
         skip_inactive_streams: bool = False,
         connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after`` in the log's one stable order.
 
         Only events below the snapshot-xmin fence are returned (see the module docstring), so a
-        reader that continues from the last event's checkpoint never skips one.
+        reader that continues from the last event's checkpoint never skips one. Filters narrow
+        the page without changing the order: ``categories``, ``types``, ``streams`` (exact
+        stream ids), and ``since`` (inclusive) / ``until`` (exclusive) on ``recorded_at``.
         """
-        query, params = self._read_all_query(after, limit, categories, types, skip_inactive_streams)
+        query, params = self._read_all_query(
+            after,
+            limit,
+            _LogFilter(categories, types, streams, since, until, skip_inactive_streams),
+        )
         if connection is not None:
             with translate_errors():
                 rows = await (await connection.execute(query, params)).fetchall()
@@ -479,11 +497,7 @@ class EventStore:
 
     @staticmethod
     def _read_all_query(
-        after: Checkpoint | str | None,
-        limit: int,
-        categories: Iterable[str] | None,
-        types: Iterable[str] | None,
-        skip_inactive_streams: bool,
+        after: Checkpoint | str | None, limit: int, where: _LogFilter
     ) -> tuple[sql.Composed, dict[str, Any]]:
         if isinstance(after, str):
             after = Checkpoint.parse(after)
@@ -496,13 +510,24 @@ class EventStore:
             "limit": limit,
         }
         filters: list[sql.Composable] = []
-        if categories is not None:
-            params["categories"] = list(categories)
+        if where.categories is not None:
+            params["categories"] = list(where.categories)
             filters.append(sql.SQL("AND category = ANY(%(categories)s::text[])"))
-        if types is not None:
-            params["types"] = list(types)
+        if where.types is not None:
+            params["types"] = list(where.types)
             filters.append(sql.SQL("AND type = ANY(%(types)s::text[])"))
-        if skip_inactive_streams:
+        if where.streams is not None:
+            params["streams"] = list(where.streams)
+            filters.append(sql.SQL("AND stream_id = ANY(%(streams)s::text[])"))
+        for name, value, op in (("since", where.since, ">="), ("until", where.until, "<")):
+            if value is not None:
+                if value.tzinfo is None:
+                    raise ValueError(f"{name} must be a timezone-aware datetime")
+                params[name] = value
+                filters.append(
+                    sql.SQL("AND recorded_at {} {}").format(sql.SQL(op), sql.Placeholder(name))
+                )
+        if where.skip_inactive_streams:
             filters.append(
                 sql.SQL(
                     "AND NOT EXISTS (SELECT 1 FROM streams s"

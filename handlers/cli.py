@@ -124,6 +124,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from .export import run_export
+
+    url = _url(args)
+    require_current_schema(url)
+    return run_export(args, url)
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     applied = migrate(_url(args))
     if applied:
@@ -185,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(run=_serve)
 
+    replay = commands.add_parser(
+        "replay", help="export a slice of the global log as JSON Lines or CSV, in log order"
+    )
+    replay.add_argument("--after", help="start after this checkpoint (TXID:POSITION)")
+    replay.add_argument("--after-position", type=int, help="start after the event at POSITION")
+    replay.add_argument("--since", help="recorded at or after this ISO 8601 time (UTC default)")
+    replay.add_argument("--until", help="recorded before this ISO 8601 time")
+    replay.add_argument("--stream", action="append", help="only this stream (repeatable)")
+    replay.add_argument("--category", action="append", help="only this category (repeatable)")
+    replay.add_argument("--type", action="append", help="only this event type (repeatable)")
+    replay.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    replay.add_argument("--out", help="write to FILE instead of standard output")
+    replay.set_defaults(run=_replay)
+
     connections = commands.add_parser("connections", help="channel connections").add_subparsers(
         dest="connections_command", required=True
     )
@@ -223,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvstoreError as exc:
         _err(f"convstore: {exc}")
         return 1
+    except ValueError as exc:
+        # bad command-line values (a checkpoint, a time) found after argparse
+        _err(f"convstore: {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
 

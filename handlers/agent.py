@@ -16,11 +16,13 @@ import msgspec
 from aiohttp import web
 
 from conversations.service import CommandResult
+from projections.queries import InboxQueries
 
-from .app import METRICS, SERVICE, decode_json, json_response, require_api_token
+from .app import METRICS, POOL, SERVICE, decode_json, json_response, require_api_token
 from .errors import HTTPError
 
 __all__ = ["add_routes", "agent_of", "conversation_id_of", "if_match"]
+
 
 _T = TypeVar("_T", bound=msgspec.Struct)
 
@@ -207,8 +209,88 @@ async def merge(request: web.Request) -> web.Response:
     return json_response({"contact_id": survivor, "merged": True})
 
 
+def _queries(request: web.Request) -> InboxQueries:
+    return InboxQueries(request.app[POOL])
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise HTTPError(400, "invalid_query", "limit must be a whole number from 1 to 500")
+    return int(raw)
+
+
+def _cursor(request: web.Request, name: str = "cursor") -> str | None:
+    value = request.query.get(name)
+    if value is not None and (not value or len(value) > 500):
+        raise HTTPError(400, "invalid_query", f"{name} is not a cursor of this list")
+    return value
+
+
+async def inbox(request: web.Request) -> web.Response:
+    """A connection's inbox: ``?status=open|snoozed|closed|all&limit=&cursor=``."""
+    require_api_token(request)
+    status = request.query.get("status", "open")
+    statuses = [s for s in status.split(",") if s] or ["open"]
+    page = await _queries(request).inbox(
+        request.match_info["id"], statuses, limit=_limit(request), cursor=_cursor(request)
+    )
+    return json_response(page)
+
+
+async def conversation(request: web.Request) -> web.Response:
+    """One conversation as the inbox shows it, with its stream version (for ``If-Match``)."""
+    require_api_token(request)
+    conversation_id = conversation_id_of(request)
+    state = await request.app[SERVICE].conversation(conversation_id)
+    row = await _queries(request).conversation(conversation_id)
+    if row is None:
+        raise HTTPError(
+            404, "not_projected", f"conversation {conversation_id} is not in the inbox yet; retry"
+        )
+    body = {**msgspec.structs.asdict(row), "version": state.version}
+    return json_response(body, headers={"ETag": f'"{state.version}"'})
+
+
+async def messages(request: web.Request) -> web.Response:
+    """A conversation's messages, newest first: ``?limit=&before=<cursor>``."""
+    require_api_token(request)
+    conversation_id = conversation_id_of(request)
+    await request.app[SERVICE].conversation(conversation_id)  # 404 for an unknown id
+    page = await _queries(request).messages(
+        conversation_id, limit=_limit(request), cursor=_cursor(request, "before")
+    )
+    return json_response(page)
+
+
+async def contact_conversations(request: web.Request) -> web.Response:
+    """A contact's conversations, newest first (merged contacts' included)."""
+    require_api_token(request)
+    contact_id = conversation_id_of(request)
+    page = await _queries(request).contact_conversations(
+        contact_id, limit=_limit(request), cursor=_cursor(request)
+    )
+    return json_response(page)
+
+
+async def counts(request: web.Request) -> web.Response:
+    """Visible conversations per status for one connection."""
+    require_api_token(request)
+    rows = await _queries(request).counts(request.match_info["id"])
+    return json_response(
+        rows[0]
+        if rows
+        else {"connection": request.match_info["id"], "open": 0, "snoozed": 0, "closed": 0}
+    )
+
+
 def add_routes(app: web.Application) -> None:
-    """Register the agent command routes."""
+    """Register the agent API routes."""
+    app.router.add_get("/api/connections/{id}/inbox", inbox)
+    app.router.add_get("/api/connections/{id}/counts", counts)
+    app.router.add_get("/api/conversations/{id}", conversation)
+    app.router.add_get("/api/conversations/{id}/messages", messages)
+    app.router.add_get("/api/contacts/{id}/conversations", contact_conversations)
     for suffix, run in (
         ("close", _close),
         ("reopen", _reopen),

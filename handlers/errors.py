@@ -24,6 +24,8 @@ from eventstore.errors import (
     SchemaMismatch,
     WrongExpectedVersion,
 )
+from projections.base import ReadModelMissing
+from projections.queries import InvalidQuery
 
 __all__ = ["HTTPError", "error_response", "response_for"]
 
@@ -71,6 +73,12 @@ def response_for(exc: BaseException) -> web.Response | None:
         return None
     if isinstance(exc, InvalidCommand):
         return error_response(400, "invalid_field", str(exc), field=exc.field)
+    if isinstance(exc, InvalidQuery):
+        return error_response(400, "invalid_query", str(exc))
+    if isinstance(exc, ReadModelMissing):
+        return error_response(
+            503, "read_model_missing", str(exc), headers={"Retry-After": RETRY_AFTER}
+        )
     if isinstance(exc, InvalidAppend):
         return error_response(400, "invalid_request", str(exc))
     if isinstance(exc, ConnectionNotFound | ConversationNotFound | ContactNotFound):

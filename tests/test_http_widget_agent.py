@@ -92,3 +92,64 @@ async def test_bad_bodies_get_clear_4xx(
     assert (await http.get("/readyz")).status == 200
     metrics = await (await http.get("/metrics")).text()
     assert "convstore_http_requests_total" in metrics
+
+
+async def test_agent_reads_page_the_inbox_messages_and_contact(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    from projections import PROJECTIONS, catch_up
+
+    await _widget(pool)
+    guests = []
+    for n in range(5):
+        guest = await (await http.post("/widget/site/guests", json={})).json()
+        headers = {"Authorization": f"Bearer {guest['token']}"}
+        for m in range(3):
+            r = await http.post(
+                "/widget/site/messages",
+                json={"client_message_id": f"{n}-{m}", "text": f"g{n} m{m}"},
+                headers=headers,
+            )
+            assert r.status == 201
+        guests.append(guest)
+    await catch_up(pool, list(PROJECTIONS.values()))
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = {"status": "open", "limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = await (
+            await http.get("/api/connections/site/inbox", params=query, headers=AUTH)
+        ).json()
+        seen.extend(item["conversation_id"] for item in page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 5
+    newest = seen[0]
+    conv = await http.get(f"/api/conversations/{newest}", headers=AUTH)
+    body = await conv.json()
+    assert conv.status == 200 and body["message_count"] == 3 and body["version"] == 4
+    assert body["unread_count"] == 3 and conv.headers["ETag"] == '"4"'
+    msgs = await (
+        await http.get(f"/api/conversations/{newest}/messages", params={"limit": "2"}, headers=AUTH)
+    ).json()
+    assert [m["text"] for m in msgs["items"]] == ["g4 m2", "g4 m1"]
+    older = await (
+        await http.get(
+            f"/api/conversations/{newest}/messages",
+            params={"limit": "2", "before": msgs["next_cursor"]},
+            headers=AUTH,
+        )
+    ).json()
+    assert [m["text"] for m in older["items"]] == ["g4 m0"] and older["next_cursor"] is None
+    contact = guests[4]["contact_id"]
+    mine = await (await http.get(f"/api/contacts/{contact}/conversations", headers=AUTH)).json()
+    assert [c["conversation_id"] for c in mine["items"]] == [newest]
+    bad = await http.get("/api/connections/site/inbox", params={"cursor": "junk"}, headers=AUTH)
+    assert bad.status == 400
+    assert (
+        await http.get("/api/connections/site/inbox", params={"limit": "0"}, headers=AUTH)
+    ).status == 400
+    assert (await http.get(f"/api/conversations/{newest}")).status == 401
+    missing = "00000000-0000-0000-0000-000000000000"
+    assert (await http.get(f"/api/conversations/{missing}", headers=AUTH)).status == 404

@@ -132,6 +132,39 @@ def _replay(args: argparse.Namespace) -> int:
     return run_export(args, url)
 
 
+def _inbox(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from projections.timetravel import inbox_as_of
+
+    from .export import parse_time
+
+    as_of = parse_time(args.as_of) if args.as_of else None
+    statuses = args.status.split(",") if "," in args.status else args.status
+    rows = run_with_pool(
+        args,
+        lambda pool: inbox_as_of(pool, args.connection, as_of=as_of, status=statuses),
+    )
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
+        return 0
+    when = f" as of {as_of.isoformat()}" if as_of else ""
+    print(f"inbox of {args.connection} ({args.status}){when}: {len(rows)} conversations")
+    print(
+        f"{'CONVERSATION':<36}  {'CUSTOMER':<22} {'STATUS':<8} {'LAST ACTIVITY':<19} "
+        f"{'MSGS':>4} {'UNREAD':>6}  LAST MESSAGE"
+    )
+    for c in rows:
+        arrow = "<-" if c.last_message_direction == "in" else "->"
+        preview = (c.last_message_preview or "").replace("\n", " ")[:40]
+        print(
+            f"{c.conversation_id!s:<36}  {c.psid[:22]:<22} {c.status:<8} "
+            f"{c.last_activity_at:%Y-%m-%d %H:%M:%S} {c.message_count:>4} {c.unread_count:>6}"
+            f"  {arrow} {preview}"
+        )
+    return 0
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     applied = migrate(_url(args))
     if applied:
@@ -206,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     replay.add_argument("--out", help="write to FILE instead of standard output")
     replay.set_defaults(run=_replay)
+
+    inbox = commands.add_parser(
+        "inbox", help="a connection's inbox, live or as it stood at a past moment"
+    )
+    inbox.add_argument("--connection", required=True, help="the connection's name")
+    inbox.add_argument(
+        "--status", default="open", help="open, snoozed, closed, all, or a comma list"
+    )
+    inbox.add_argument("--as-of", help="an ISO 8601 time: rebuild the inbox as it stood then")
+    inbox.add_argument("--json", action="store_true", help="JSON instead of a table")
+    inbox.set_defaults(run=_inbox)
 
     connections = commands.add_parser("connections", help="channel connections").add_subparsers(
         dest="connections_command", required=True

@@ -1,0 +1,141 @@
+"""Running a path against its reference: warm-up, alternating rounds, medians, the ratio.
+
+On a small shared machine the absolute figures drift from minute to minute, so a path and its
+reference run in alternating rounds (reference first in even rounds, the path first in odd
+ones) and the result is the ratio of their medians. Each round's own ratio is kept too, so the
+spread shows how much to trust the median.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from .context import BenchContext
+from .registry import BenchPath, Measurement
+
+__all__ = ["PathResult", "RoundResult", "Timing", "run_path"]
+
+
+class Timing(msgspec.Struct, frozen=True):
+    """How long the harness runs each path: warm-up and round durations, number of rounds."""
+
+    warmup_seconds: float
+    round_seconds: float
+    rounds: int
+    #: No new round starts once a path has spent this long in its rounds (at least one runs),
+    #: so one slow path cannot blow the run's time budget.
+    path_budget_seconds: float
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Timing:
+        """The ``--quick`` timing (whole bench under a minute) or the full one."""
+        if quick:
+            return cls(warmup_seconds=0.3, round_seconds=0.8, rounds=3, path_budget_seconds=10)
+        return cls(warmup_seconds=2.0, round_seconds=4.0, rounds=5, path_budget_seconds=120)
+
+
+class RoundResult(msgspec.Struct, frozen=True):
+    """One round: the path's and the reference's figures and diagnostics."""
+
+    value: float
+    reference: float
+    ratio: float
+    details: dict[str, float]
+    reference_details: dict[str, float]
+
+
+class PathResult(msgspec.Struct, frozen=True):
+    """A path's result: medians over the rounds, the ratio, and whether it meets its target."""
+
+    name: str
+    description: str
+    reference_description: str
+    unit: str
+    value: float
+    reference: float
+    ratio: float
+    ratio_min: float
+    ratio_max: float
+    target: float | None
+    met: bool | None
+    higher_is_better: bool
+    details: dict[str, float]
+    reference_details: dict[str, float]
+    rounds: list[RoundResult]
+
+
+def _median_details(runs: Sequence[Measurement]) -> dict[str, float]:
+    keys = sorted({key for run in runs for key in run.details})
+    return {
+        key: statistics.median(run.details[key] for run in runs if key in run.details)
+        for key in keys
+    }
+
+
+async def run_path(ctx: BenchContext, path: BenchPath, timing: Timing) -> PathResult:
+    """Set up, warm up and measure ``path`` and its reference; return the aggregated result."""
+    if path.setup is not None:
+        await path.setup(ctx)
+    seconds = math.inf if path.fixed_work else timing.round_seconds * path.duration_factor
+    warmup = timing.warmup_seconds * path.duration_factor
+    await path.reference(ctx, warmup)
+    await path.run(ctx, warmup)
+    values: list[Measurement] = []
+    references: list[Measurement] = []
+    rounds: list[RoundResult] = []
+    started = time.monotonic()
+    for index in range(timing.rounds):
+        if index > 0 and time.monotonic() - started > timing.path_budget_seconds:
+            print(f"  {path.name}: time budget spent after {index} round(s)", file=sys.stderr)
+            break
+        if index % 2 == 0:
+            reference = await path.reference(ctx, seconds)
+            value = await path.run(ctx, seconds)
+        else:
+            value = await path.run(ctx, seconds)
+            reference = await path.reference(ctx, seconds)
+        if value.unit != reference.unit:
+            raise ValueError(f"{path.name}: unit {value.unit!r} vs reference {reference.unit!r}")
+        values.append(value)
+        references.append(reference)
+        rounds.append(
+            RoundResult(
+                value=value.value,
+                reference=reference.value,
+                ratio=path.ratio(value.value, reference.value),
+                details=dict(value.details),
+                reference_details=dict(reference.details),
+            )
+        )
+        print(
+            f"  {path.name} round {index + 1}/{timing.rounds}: {value.value:.1f} vs"
+            f" {reference.value:.1f} {value.unit} ({rounds[-1].ratio:.2f})",
+            file=sys.stderr,
+        )
+    median_value = statistics.median(v.value for v in values)
+    median_reference = statistics.median(r.value for r in references)
+    ratio = path.ratio(median_value, median_reference)
+    ratios = [r.ratio for r in rounds]
+    return PathResult(
+        name=path.name,
+        description=path.description,
+        reference_description=path.reference_description,
+        unit=values[0].unit,
+        value=median_value,
+        reference=median_reference,
+        ratio=ratio,
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        target=path.target,
+        met=None if path.target is None else ratio >= path.target,
+        higher_is_better=path.higher_is_better,
+        details=_median_details(values),
+        reference_details=_median_details(references),
+        rounds=rounds,
+    )

@@ -231,7 +231,8 @@ async def inbox(request: web.Request) -> web.Response:
     """A connection's inbox: ``?status=open|snoozed|closed|all&limit=&cursor=``."""
     require_api_token(request)
     status = request.query.get("status", "open")
-    statuses = [s for s in status.split(",") if s] or ["open"]
+    parts = [s for s in status.split(",") if s] or ["open"]
+    statuses: str | list[str] = parts[0] if len(parts) == 1 else parts
     page = await _queries(request).inbox(
         request.match_info["id"], statuses, limit=_limit(request), cursor=_cursor(request)
     )

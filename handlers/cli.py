@@ -165,6 +165,15 @@ def _inbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    url = _url(args)
+    for migration in migrate(url):
+        print(f"applied {migration.label}")
+    return demo_main(url, args.customers, args.messages, args.seed)
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     applied = migrate(_url(args))
     if applied:
@@ -220,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("migrate", help="apply pending migrations").set_defaults(run=_db_migrate)
     db.add_parser("verify", help="exit 1 unless the schema is current").set_defaults(run=_db_verify)
     db.add_parser("status", help="list applied and pending migrations").set_defaults(run=_db_status)
+
+    demo = commands.add_parser(
+        "demo", help="run realistic traffic through the real endpoints and check the results"
+    )
+    demo.add_argument("--customers", type=int, default=320, help="customers to simulate")
+    demo.add_argument("--messages", type=int, default=8, help="messages per customer, about")
+    demo.add_argument("--seed", type=int, help="random seed, for a repeatable run")
+    demo.set_defaults(run=_demo)
 
     serve = commands.add_parser("serve", help="run the HTTP server (webhooks, widget, agent API)")
     serve.add_argument("--host", default="127.0.0.1")

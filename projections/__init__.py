@@ -40,6 +40,7 @@ from .runner import (
     Outcome,
     ProjectionRunner,
     VersionMismatch,
+    catch_up,
     run_projections,
 )
 from .status import ProjectionStatus, projection_status
@@ -69,6 +70,7 @@ __all__ = [
     "UnknownProjection",
     "VersionMismatch",
     "build_into",
+    "catch_up",
     "compare_read_models",
     "get_projection",
     "live_schema",

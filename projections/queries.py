@@ -15,6 +15,7 @@ no sort step (the tests check the plans on 100k-row tables):
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
@@ -182,6 +183,17 @@ def _conversation(row: Sequence[Any]) -> Conversation:
     return Conversation(*row)
 
 
+# Set by InboxQueries.explain: the next statement is explained instead of run.
+_EXPLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("explain", default=False)
+_PLAN = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+class _Explained(Exception):
+    def __init__(self, plan: list[dict[str, Any]]) -> None:
+        super().__init__("explained")
+        self.plan = plan
+
+
 class InboxQueries:
     """Queries over one inbox read model (the live one, ``rm_inbox``, unless told otherwise).
 
@@ -205,6 +217,9 @@ class InboxQueries:
         params: dict[str, Any],
         connection: psycopg.AsyncConnection[Any] | None,
     ) -> list[tuple[Any, ...]]:
+        explain = _EXPLAIN.get()
+        if explain:
+            query = sql.SQL("EXPLAIN (FORMAT JSON) ") + query
         try:
             with translate_errors():
                 rows: list[tuple[Any, ...]]
@@ -213,9 +228,25 @@ class InboxQueries:
                 else:
                     async with self.pool.connection() as conn:
                         rows = await (await conn.execute(query, params)).fetchall()
-                return rows
         except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName) as exc:
             raise ReadModelMissing("inbox", self.schema) from exc
+        if explain:
+            raise _Explained(_PLAN.decode(rows[0][0]))
+        return rows
+
+    async def explain(self, method: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """PostgreSQL's plan (``EXPLAIN (FORMAT JSON)``) of the statement a query method runs
+        with these arguments, without running it: ``await q.explain("inbox", "fb")``."""
+        if method not in ("inbox", "conversation", "contact_conversations", "messages", "counts"):
+            raise ValueError(f"not a query method: {method!r}")
+        token = _EXPLAIN.set(True)
+        try:
+            await getattr(self, method)(*args, **kwargs)
+        except _Explained as explained:
+            return explained.plan
+        finally:
+            _EXPLAIN.reset(token)
+        raise AssertionError("the query method ran no statement")  # pragma: no cover
 
     # ---------------------------------------------------------------- inbox
 

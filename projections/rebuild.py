@@ -105,6 +105,17 @@ async def events_after(conn: psycopg.AsyncConnection[Any], checkpoint: Checkpoin
     return int(row[0]) if row else 0
 
 
+async def _fence_passed(conn: psycopg.AsyncConnection[Any], checkpoint: Checkpoint) -> bool:
+    """True when every transaction up to ``checkpoint``'s has ended (readers see it all)."""
+    row = await (
+        await conn.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s::text::xid8",
+            (str(checkpoint.transaction_id),),
+        )
+    ).fetchone()
+    return bool(row and row[0])
+
+
 async def _catch_up(
     conn: psycopg.AsyncConnection[Any],
     catch: CatchUp,
@@ -146,7 +157,8 @@ async def build_into(
 ) -> Checkpoint:
     """Build ``projection`` from the start of the log into ``schema``; return its checkpoint.
 
-    For one-off builds: a check against the live model, a model as of ``until`` (inclusive).
+    For one-off builds: a check against the live model, a model as of ``until`` (inclusive;
+    waits until the fence has passed it, so the build holds every event up to it).
     ``schema="pg_temp"`` builds temporary tables, visible to ``conn`` only (so pass it). With
     ``replace``, an existing schema of that name is dropped first.
     """
@@ -183,6 +195,11 @@ async def _build_into(
     await applier.create(conn, defer_indexes=True)
     catch = CatchUp(applier, batch_size=batch_size, max_attempts=1)
     _, last, _ = await _catch_up(conn, catch, asyncio.Event(), until=until)
+    while until is not None and not await _fence_passed(conn, until):
+        # A transaction elsewhere holds the fence below ``until``: wait for it, then go on.
+        await asyncio.sleep(0.02)
+        _, more, _ = await _catch_up(conn, catch, asyncio.Event(), until=until)
+        last = more or last
     await applier.create_indexes(conn)
     state = await applier.state(conn)
     return state[0] if state is not None else (last or START)

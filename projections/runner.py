@@ -73,7 +73,9 @@ __all__ = [
     "VersionMismatch",
     "Waker",
     "advisory_key",
+    "catch_up",
     "clear_failure",
+    "log_head",
     "record_failure",
     "run_projections",
 ]
@@ -811,6 +813,50 @@ async def record_failure(
             attempts,
         ),
     )
+
+
+async def log_head(conn: psycopg.AsyncConnection[Any]) -> Checkpoint | None:
+    """The checkpoint of the newest committed event (``None``: the log is empty).
+
+    Unlike :meth:`EventStore.head` this ignores the fence: it is a target to reach, not a
+    place to read from.
+    """
+    row = await (
+        await conn.execute(
+            "SELECT transaction_id::text::bigint, position FROM events"
+            " ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1"
+        )
+    ).fetchone()
+    return Checkpoint(row[0], row[1]) if row else None
+
+
+async def catch_up(
+    pool: AsyncConnectionPool[Any],
+    projections: Sequence[Projection],
+    *,
+    timeout: float = 60.0,
+    **options: Any,
+) -> dict[str, Outcome]:
+    """Bring each projection up to the newest event committed before this call.
+
+    Runs ``once`` passes (leading each projection, or waiting for the instance that leads it)
+    until every checkpoint has reached that event: the fence can hold a pass back while a
+    transaction elsewhere in the cluster is open. Returns the last outcomes; stops early when
+    a projection failed. ``options`` go to :func:`run_projections`.
+    """
+    async with pool.connection() as conn:
+        head = await log_head(conn)
+    appliers = [Applier(pool, p, live_schema(p.name), prefetch=False) for p in projections]
+    async with asyncio.timeout(timeout):
+        while True:
+            outcomes = await run_projections(pool, projections, once=True, **options)
+            if "failed" in outcomes.values() or head is None:
+                return outcomes
+            async with pool.connection() as conn:
+                states = [await applier.state(conn) for applier in appliers]
+            if all(state is not None and state[0] >= head for state in states):
+                return outcomes
+            await asyncio.sleep(0.02)
 
 
 async def run_projections(

@@ -13,8 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/convstore db migrate
-	$(BIN)/convstore db status
+	$(BIN)/convstore demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

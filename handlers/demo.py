@@ -389,7 +389,8 @@ async def _customers(
         connection = connections[name]
         for n in range(max(1, int(customers * share))):
             if connection.channel == "telegram":
-                psid = str(rng.randrange(10**9, 2**62))
+                # Chat ids from the run id: a repeated seed must not reuse a chat's message ids.
+                psid = str(int(run, 16) * 100_000 + n)
             elif connection.channel == "widget":
                 psid = ""
             else:

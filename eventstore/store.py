@@ -140,6 +140,8 @@ WHERE stream_id = %(stream_id)s AND stream_version <= %(from_version)s
 ORDER BY stream_version DESC LIMIT %(limit)s
 """
 
+# ORDER BY names events.transaction_id: the select list's cast of it is output under the same
+# name, and an unqualified ORDER BY would sort by that bigint, which no index serves.
 _READ_ALL: LiteralString = """
 SELECT position, transaction_id::text::bigint, event_id, stream_id, stream_version,
        type, data, metadata, recorded_at
@@ -147,14 +149,14 @@ FROM events
 WHERE (transaction_id, position) > (%(tx)s::text::xid8, %(pos)s)
   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
   {filters}
-ORDER BY transaction_id, position
+ORDER BY events.transaction_id, events.position
 LIMIT %(limit)s
 """
 
 _HEAD: LiteralString = """
 SELECT transaction_id::text::bigint, position FROM events
 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY transaction_id DESC, position DESC
+ORDER BY events.transaction_id DESC, events.position DESC
 LIMIT 1
 """
 

@@ -41,7 +41,7 @@ async def checkpoint_at(
         await conn.execute(
             "SELECT transaction_id::text::bigint, position FROM events"
             " WHERE recorded_at <= %s"
-            " ORDER BY transaction_id DESC, position DESC LIMIT 1",
+            " ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1",
             (moment,),
         )
     ).fetchone()

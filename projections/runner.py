@@ -841,21 +841,29 @@ async def catch_up(
 
     Runs ``once`` passes (leading each projection, or waiting for the instance that leads it)
     until every checkpoint has reached that event: the fence can hold a pass back while a
-    transaction elsewhere in the cluster is open. Returns the last outcomes; stops early when
-    a projection failed. ``options`` go to :func:`run_projections`.
+    transaction elsewhere in the cluster is open. A projection that fails is not run again.
+    Returns each projection's last outcome; ``options`` go to :func:`run_projections`.
     """
     async with pool.connection() as conn:
         head = await log_head(conn)
-    appliers = [Applier(pool, p, live_schema(p.name), prefetch=False) for p in projections]
+    outcomes: dict[str, Outcome] = {}
+    remaining = list(projections)
     async with asyncio.timeout(timeout):
         while True:
-            outcomes = await run_projections(pool, projections, once=True, **options)
-            if "failed" in outcomes.values() or head is None:
-                return outcomes
+            passed = await run_projections(pool, remaining, once=True, **options)
+            outcomes.update(passed)
+            behind = []
             async with pool.connection() as conn:
-                states = [await applier.state(conn) for applier in appliers]
-            if all(state is not None and state[0] >= head for state in states):
+                for projection in remaining:
+                    if passed[projection.name] == "failed" or head is None:
+                        continue
+                    applier = Applier(pool, projection, live_schema(projection.name))
+                    state = await applier.state(conn)
+                    if state is None or state[0] < head:
+                        behind.append(projection)
+            if not behind:
                 return outcomes
+            remaining = behind
             await asyncio.sleep(0.02)
 
 

@@ -36,7 +36,7 @@ class Timing(msgspec.Struct, frozen=True):
     def for_mode(cls, quick: bool) -> Timing:
         """The ``--quick`` timing (whole bench under a minute) or the full one."""
         if quick:
-            return cls(warmup_seconds=0.3, round_seconds=0.8, rounds=3, path_budget_seconds=10)
+            return cls(warmup_seconds=0.3, round_seconds=0.8, rounds=3, path_budget_seconds=6)
         return cls(warmup_seconds=2.0, round_seconds=4.0, rounds=5, path_budget_seconds=120)
 
 
@@ -81,7 +81,9 @@ def _median_details(runs: Sequence[Measurement]) -> dict[str, float]:
 async def run_path(ctx: BenchContext, path: BenchPath, timing: Timing) -> PathResult:
     """Set up, warm up and measure ``path`` and its reference; return the aggregated result."""
     if path.setup is not None:
+        began = time.monotonic()
         await path.setup(ctx)
+        print(f"  {path.name}: setup {time.monotonic() - began:.1f}s", file=sys.stderr)
     seconds = math.inf if path.fixed_work else timing.round_seconds * path.duration_factor
     warmup = timing.warmup_seconds * path.duration_factor
     await path.reference(ctx, warmup)

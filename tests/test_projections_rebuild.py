@@ -1,0 +1,253 @@
+"""Rebuilds: the next version is built beside the live one, which keeps serving, then swapped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from eventstore import Checkpoint, EventStore, open_pool
+from projections import (
+    PROJECTIONS,
+    InboxQueries,
+    RebuildBusy,
+    build_into,
+    catch_up,
+    compare_read_models,
+    projection_status,
+    rebuild,
+    run_projections,
+)
+from projections.progress import LineProgress, TerminalProgress, progress_for
+from projections.runner import REBUILD_LOCK, advisory_key, log_head
+from projections.synthetic import append_all, copy_into_log, traffic
+
+ROOT = Path(__file__).resolve().parent.parent
+INBOX = PROJECTIONS["inbox"]
+WAIT = 120.0
+
+
+async def load(pool: AsyncConnectionPool[Any], events: int, seed: int = 0) -> None:
+    async with pool.connection() as conn:
+        await copy_into_log(conn, list(traffic(events, seed=seed)), per_transaction=1000)
+
+
+async def assert_live_equals_fresh(pool: AsyncConnectionPool[Any]) -> None:
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute("SELECT transaction_id, position FROM rm_inbox.checkpoint")
+        ).fetchone()
+    assert row is not None
+    await build_into(pool, INBOX, "fresh", replace=True, until=Checkpoint(row[0], row[1]))
+    async with pool.connection() as conn:
+        differences = await compare_read_models(conn, INBOX, "rm_inbox", "fresh")
+    assert set(differences.values()) == {(0, 0)}, differences
+
+
+async def schemas(pool: AsyncConnectionPool[Any]) -> set[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rm\\_%'")
+        return {row[0] for row in await cur.fetchall()}
+
+
+async def test_rebuild_equals_live_while_queries_and_projector_keep_going(
+    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    await load(pool, 15_000, seed=1)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    q = InboxQueries(pool)
+    first = (await q.inbox("conn-1", "all", limit=1)).items[0]
+
+    stop = asyncio.Event()
+    answered = 0
+    errors: list[BaseException] = []
+    rebuilding = asyncio.Event()
+
+    async def ask() -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                page = await q.inbox("conn-1", "all", limit=20)
+                assert page.items, "the inbox must not look empty during a rebuild"
+                assert (await q.messages(first.conversation_id)).items
+                assert (await q.contact_conversations(first.contact_id)).items
+                assert await q.counts()
+            except Exception as exc:  # collected, so the test reports every failure
+                errors.append(exc)
+            if rebuilding.is_set():
+                answered += 1
+            await asyncio.sleep(0.005)
+
+    async def write() -> None:
+        # New events keep coming while the rebuild runs (and a little after).
+        for item in traffic(5000, seed=2):
+            if stop.is_set() or not rebuilding.is_set():
+                return
+            await append_all(store, [item])
+            await asyncio.sleep(0.002)
+
+    projector_pool = await open_pool(database_url, max_size=4)
+    live = asyncio.create_task(
+        run_projections(projector_pool, [INBOX], stop=stop, poll_interval=0.05)
+    )
+    rebuilding.set()
+    asker = asyncio.create_task(ask())
+    writer = asyncio.create_task(write())
+    try:
+        async with asyncio.timeout(WAIT):
+            result = await rebuild(pool, INBOX, batch_size=200)
+            rebuilding.clear()
+            during = answered
+            await writer
+            await asyncio.sleep(0.2)  # a few more queries on the swapped-in tables
+            async with pool.connection() as conn:
+                head = await log_head(conn)
+            assert head is not None
+            while True:
+                async with pool.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT transaction_id, position FROM rm_inbox.checkpoint"
+                    )
+                    row = await cur.fetchone()
+                assert row is not None
+                if (row[0], row[1]) >= (head.transaction_id, head.position):
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            assert await live == {"inbox": "stopped"}
+            await asker
+    finally:
+        stop.set()
+        for task in (live, asker, writer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await projector_pool.close()
+    assert errors == []
+    assert result.swapped and result.events >= 15_000
+    assert during > 0
+    assert await schemas(pool) == {"rm_inbox"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.rebuilt_at is not None and status.rebuild is None
+    await assert_live_equals_fresh(pool)
+
+
+async def test_an_older_version_is_rebuilt_and_a_newer_one_refused(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    await load(pool, 3000, seed=3)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE rm_inbox.checkpoint SET version = 0")
+        await conn.execute("DELETE FROM rm_inbox.messages")  # what "version 0" looked like
+    assert await run_projections(pool, [INBOX], once=True) == {"inbox": "caught-up"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert (status.version, status.rebuilt_at is not None) == (1, True)
+    await assert_live_equals_fresh(pool)
+
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE rm_inbox.checkpoint SET version = 99")
+    assert await run_projections(pool, [INBOX], once=True) == {"inbox": "failed"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.last_error is not None and "upgrade convstore" in status.last_error
+    assert status.version == 99
+
+
+async def test_an_interrupted_rebuild_resumes(pool: AsyncConnectionPool[Any]) -> None:
+    await load(pool, 4000, seed=4)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    stop = asyncio.Event()
+
+    class StopSoon:
+        def update(self, done: int, total: int) -> None:
+            stop.set()
+
+        def finish(self, done: int) -> None:
+            pass
+
+    first = await rebuild(pool, INBOX, batch_size=500, progress=StopSoon(), stop=stop)
+    assert not first.swapped and 0 < first.events < 4000
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.rebuild is not None and not status.rebuild.running
+    assert status.rebuild.events == first.events
+    second = await rebuild(pool, INBOX, batch_size=500)
+    assert second.swapped and second.resumed
+    assert first.events + second.events >= 4000
+    await assert_live_equals_fresh(pool)
+
+
+async def test_one_rebuild_at_a_time(database_url: str, pool: AsyncConnectionPool[Any]) -> None:
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", advisory_key(REBUILD_LOCK, "inbox"))
+        with pytest.raises(RebuildBusy):
+            await rebuild(pool, INBOX)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = progress_for("rebuild inbox", tty)
+    assert isinstance(bar, TerminalProgress)
+    bar.update(250, 1000)
+    bar.finish(1000)
+    text = tty.getvalue()
+    assert "\r" in text and "events/s" in text and "ETA" in text and "100.0%" in text
+    plain = io.StringIO()
+    lines = progress_for("rebuild inbox", plain)
+    assert isinstance(lines, LineProgress)
+    lines.interval = 0.0
+    lines.update(250, 1000)
+    lines.finish(1000)
+    out = plain.getvalue().splitlines()
+    assert out[0].startswith("rebuild inbox: 250/1000 events (25.0%)") and "ETA" in out[0]
+    assert out[-1].startswith("rebuild inbox: 1000 events") and "\r" not in plain.getvalue()
+
+
+def convstore(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "--database-url", url, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=WAIT,
+    )
+
+
+async def test_the_command_line(database_url: str, pool: AsyncConnectionPool[Any]) -> None:
+    await load(pool, 2000, seed=5)
+    status = convstore(database_url, "projections", "status")
+    assert status.returncode == 0, status.stderr
+    assert "inbox (code version 1)" in status.stdout and "not built" in status.stdout
+
+    once = convstore(database_url, "project", "--once")
+    assert once.returncode == 0, once.stderr
+    assert "inbox: caught-up" in once.stderr
+
+    rebuilt = convstore(database_url, "projections", "rebuild", "inbox", "--batch-size", "100")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.startswith("rebuilt inbox (version 1): ")
+    assert "rebuild inbox: " in rebuilt.stderr and "events/s" in rebuilt.stderr
+    assert "\r" not in rebuilt.stderr  # not a terminal: plain lines
+
+    status = convstore(database_url, "projections", "status")
+    assert status.returncode == 0, status.stderr
+    for expected in ("inbox (version 1)", "state:       stopped", "behind:      0 events"):
+        assert expected in status.stdout
+    assert "rebuilt:" in status.stdout and "last error:  none" in status.stdout
+
+    as_json = convstore(database_url, "projections", "status", "--json")
+    assert as_json.returncode == 0 and '"name":"inbox"' in as_json.stdout
+
+    unknown = convstore(database_url, "projections", "rebuild", "outbox")
+    assert unknown.returncode == 1 and "no projection named 'outbox'" in unknown.stderr

@@ -210,7 +210,7 @@ def require_api_token(request: web.Request) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The application with every route; the pool opens on start-up and closes on clean-up."""
-    from . import agent, meta, telegram, widget
+    from . import agent, meta, openapi, telegram, widget
 
     app = web.Application(middlewares=[_observe], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
@@ -226,4 +226,5 @@ def create_app(settings: Settings) -> web.Application:
     agent.add_routes(app)
     meta.add_routes(app)
     telegram.add_routes(app)
+    openapi.add_routes(app)
     return app

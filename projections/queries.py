@@ -337,18 +337,31 @@ class InboxQueries:
         params: dict[str, Any] = {"contact": contact_id, "limit": limit + 1, "now": now}
         if cursor is not None:
             params["at"], params["id"] = _conversation_cursor(cursor)
+        # The contact id is a plain parameter (not resolved through merges in a subquery), so
+        # the planner sees it: a contact with many conversations gets an ordered range of the
+        # contact index. A merged contact owns no rows (the merge moved them all): only then is
+        # its survivor looked up, and asked instead.
         query = sql.SQL(
-            "SELECT {cols} FROM {t} WHERE contact_id = coalesce((SELECT into_contact_id FROM"
-            " {merges} WHERE from_contact_id = %(contact)s), %(contact)s)"
+            "SELECT {cols} FROM {t} WHERE contact_id = %(contact)s"
             " AND deleted_at IS NULL {after} {order} LIMIT %(limit)s"
         ).format(
             cols=_CONVERSATION_COLUMNS,
             t=self._conversations,
-            merges=self._merges,
             after=_AFTER if cursor is not None else sql.SQL(""),
             order=_ORDER,
         )
         rows = await self._fetch(query, params, conn)
+        if not rows:
+            survivor = await self._fetch(
+                sql.SQL(
+                    "SELECT into_contact_id FROM {m} WHERE from_contact_id = %(contact)s"
+                ).format(m=self._merges),
+                params,
+                conn,
+            )
+            if survivor:
+                params["contact"] = survivor[0][0]
+                rows = await self._fetch(query, params, conn)
         return self._conversation_page(rows, limit)
 
     # ---------------------------------------------------------------- messages
@@ -404,14 +417,16 @@ class InboxQueries:
     ) -> list[StatusCounts]:
         """Visible conversations per status, for one connection or every one (by name)."""
         where = (
-            sql.SQL("AND connection = %(connection)s") if connection is not None else sql.SQL("")
+            sql.SQL("AND c.connection = %(connection)s") if connection is not None else sql.SQL("")
         )
+        # Run-out snoozes are counted per connection, each a range of the inbox index.
         query = sql.SQL(
-            "SELECT connection, status, conversations FROM {counts} WHERE true {where}"
+            "SELECT c.connection, c.status, c.conversations FROM {counts} AS c WHERE true {where}"
             " UNION ALL"
-            " SELECT connection, 'expired', count(*) FROM {t}"
-            " WHERE status = 'snoozed' AND deleted_at IS NULL AND snoozed_until <= {now} {where}"
-            " GROUP BY connection"
+            " SELECT c.connection, 'expired', x.n FROM {counts} AS c CROSS JOIN LATERAL"
+            " (SELECT count(*) AS n FROM {t} AS v WHERE v.connection = c.connection"
+            "  AND v.status = 'snoozed' AND v.deleted_at IS NULL AND v.snoozed_until <= {now}) x"
+            " WHERE c.status = 'snoozed' {where}"
         ).format(counts=self._counts, t=self._conversations, where=where, now=_NOW)
         rows = await self._fetch(query, {"connection": connection, "now": now}, conn)
         totals: dict[str, dict[str, int]] = {}

@@ -118,10 +118,27 @@ WITH bumped AS (
 )
 """
 
-_APPEND_EXACT: Final = _BUMP_EXACT + _INSERT_EVENTS
-_APPEND_EXISTS: Final = _BUMP_EXISTS + _INSERT_EVENTS
-_APPEND_NEW: Final = _BUMP_NEW + _INSERT_EVENTS
-_APPEND_ANY: Final = _BUMP_ANY + _INSERT_EVENTS
+# One event, the common case, takes scalar parameters: dumping four one-element arrays cost
+# more client CPU than the rest of the append (profiled).
+_INSERT_ONE: LiteralString = """
+INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+SELECT %(event_id)s, %(stream_id)s, bumped.base + 1, %(category)s, %(type)s,
+       %(data)s::jsonb, %(metadata)s::jsonb
+FROM bumped
+RETURNING position, transaction_id::text::bigint, stream_version
+"""
+
+# (mode, single event) -> statement
+_APPEND: Final[dict[tuple[str, bool], LiteralString]] = {
+    ("exact", False): _BUMP_EXACT + _INSERT_EVENTS,
+    ("exists", False): _BUMP_EXISTS + _INSERT_EVENTS,
+    ("new", False): _BUMP_NEW + _INSERT_EVENTS,
+    ("any", False): _BUMP_ANY + _INSERT_EVENTS,
+    ("exact", True): _BUMP_EXACT + _INSERT_ONE,
+    ("exists", True): _BUMP_EXISTS + _INSERT_ONE,
+    ("new", True): _BUMP_NEW + _INSERT_ONE,
+    ("any", True): _BUMP_ANY + _INSERT_ONE,
+}
 
 # The column list of every event read, kept literal so no query text is ever assembled.
 _READ_STREAM_FORWARDS: LiteralString = """
@@ -185,7 +202,7 @@ class EventStore:
         pool: AsyncConnectionPool[Any],
         codec: EventCodec | None = None,
         *,
-        notify_interval: float = 0.005,
+        notify_interval: float = 0.02,
     ) -> None:
         self.pool = pool
         self.codec = codec or EventCodec()
@@ -265,23 +282,33 @@ class EventStore:
         events: Sequence[NewEvent],
         expected_version: ExpectedVersion | int,
     ) -> tuple[LiteralString, dict[str, Any]]:
+        single = len(events) == 1
         params: dict[str, Any] = {
             "stream_id": stream_id,
             "category": category_of(stream_id),
             "n": len(events),
-            "event_ids": [e.event_id for e in events],
-            "types": [e.type for e in events],
-            "data": [e.data.decode() for e in events],
-            "metadata": [_JSON.encode(e.metadata).decode() for e in events],
         }
+        if single:
+            event = events[0]
+            params["event_id"] = event.event_id
+            params["type"] = event.type
+            params["data"] = event.data.decode()
+            params["metadata"] = _JSON.encode(event.metadata).decode()
+        else:
+            params["event_ids"] = [e.event_id for e in events]
+            params["types"] = [e.type for e in events]
+            params["data"] = [e.data.decode() for e in events]
+            params["metadata"] = [_JSON.encode(e.metadata).decode() for e in events]
         if expected_version is ANY:
-            return _APPEND_ANY, params
-        if expected_version is STREAM_EXISTS:
-            return _APPEND_EXISTS, params
-        if expected_version is NO_STREAM or expected_version == 0:
-            return _APPEND_NEW, params
-        params["expected"] = expected_version
-        return _APPEND_EXACT, params
+            mode = "any"
+        elif expected_version is STREAM_EXISTS:
+            mode = "exists"
+        elif expected_version is NO_STREAM or expected_version == 0:
+            mode = "new"
+        else:
+            mode = "exact"
+            params["expected"] = expected_version
+        return _APPEND[mode, single], params
 
     async def _append_on(
         self,

@@ -134,3 +134,24 @@ async def http(database_url: str) -> AsyncIterator[TestClient[Any, Any]]:
     )
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         yield client
+
+
+async def wait_for_fence(pool: AsyncConnectionPool[Any], timeout: float = 60.0) -> None:
+    """Wait until the global-log fence has passed every stored event.
+
+    The fence is cluster-wide: a transaction in another database of the same server holds it
+    back for a moment. Tests asserting what ``read_all`` returns after their writes wait first.
+    """
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())"
+                    " > coalesce(max(transaction_id), '0'::xid8) FROM events"
+                )
+                row = await cur.fetchone()
+            if row is not None and row[0]:
+                return
+            await asyncio.sleep(0.01)

@@ -18,6 +18,7 @@ from conversations.connections import add_connection
 from conversations.events import CODEC, ConversationOpened, MessageReceived, MessageSent
 from conversations.service import ConversationService, InboundMessage
 from eventstore import EventStore
+from tests.conftest import wait_for_fence
 
 ROOT = Path(__file__).resolve().parent.parent
 SQL = ROOT / "docs" / "examples" / "first_response.sql"
@@ -41,6 +42,7 @@ async def test_median_first_response_per_connection(
         if n != 4:  # one conversation never gets an answer
             await service.reply(r.conversation_id, by="agent", text="hi!", idempotency_key="1")
 
+    await wait_for_fence(pool)
     done = await asyncio.to_thread(
         subprocess.run,
         [

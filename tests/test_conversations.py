@@ -17,6 +17,7 @@ from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
 from conversations.service import ConversationService, InboundMessage
 from eventstore import EventStore, RecordedEvent, WrongExpectedVersion
+from tests.conftest import wait_for_fence
 
 
 @pytest.fixture
@@ -58,6 +59,7 @@ async def open_counts(service: ConversationService) -> dict[tuple[str, str], int
 
 
 async def all_received(service: ConversationService) -> list[RecordedEvent]:
+    await wait_for_fence(service.pool)
     events: list[RecordedEvent] = []
     after = None
     while True:

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from eventstore import EventCodec, EventStore, RecordedEvent
 from eventstore.replay import ReplayFilter, replay, replay_sync
+from tests.conftest import wait_for_fence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,7 @@ async def _seed(store: EventStore) -> tuple[list[RecordedEvent], dt.datetime]:
             await asyncio.sleep(0.05)
             middle = dt.datetime.now(dt.UTC)
             await asyncio.sleep(0.05)
+    await wait_for_fence(store.pool)
     everything = await store.read_all(limit=10_000)
     return everything, middle
 

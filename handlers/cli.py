@@ -120,7 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(url)
     if settings.api_token is None:
         _err("convstore: CONVSTORE_API_TOKEN is not set: the agent API will answer 401")
-    web.run_app(create_app(settings), host=args.host, port=args.port, print=_err)
+    # No aiohttp access log: its request line carries the query string, and Meta's handshake
+    # puts the verify token there. The app logs one line per request without it (_observe).
+    web.run_app(create_app(settings), host=args.host, port=args.port, print=_err, access_log=None)
     return 0
 
 

@@ -7,6 +7,7 @@ current version on a conflict; responses carry the new version in the body and i
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,12 @@ from projections.queries import InboxQueries
 from .app import METRICS, POOL, SERVICE, decode_json, json_response, require_api_token
 from .errors import HTTPError
 
-__all__ = ["add_routes", "agent_of", "conversation_id_of", "if_match"]
+__all__ = ["add_routes", "agent_of", "connection_name", "conversation_id_of", "if_match"]
 
 
 _T = TypeVar("_T", bound=msgspec.Struct)
+#: ASCII digits only: str.isdigit() also accepts "²" and "٣", which int() refuses.
+_DIGITS = re.compile(r"[0-9]+")
 #: Text stored in an event: PostgreSQL's jsonb cannot hold U+0000, so it is refused by name.
 NoNul = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
 
@@ -87,7 +90,7 @@ def if_match(request: web.Request) -> int | None:
     if raw is None:
         return None
     text = raw.strip().removeprefix("W/").strip('"')
-    if not text.isdigit() or len(text) > 18:
+    if not _DIGITS.fullmatch(text) or len(text) > 18:
         raise HTTPError(400, "invalid_header", 'If-Match must be a stream version, e.g. "3"')
     return int(text)
 
@@ -211,13 +214,22 @@ async def merge(request: web.Request) -> web.Response:
     return json_response({"contact_id": survivor, "merged": True})
 
 
+def connection_name(request: web.Request, key: str = "id") -> str:
+    """The connection name in the path; 404 when no connection can have it (a NUL, which
+    PostgreSQL text cannot hold)."""
+    name = request.match_info[key]
+    if "\x00" in name:
+        raise HTTPError(404, "not_found", f"no connection {name!r}")
+    return name
+
+
 def _queries(request: web.Request) -> InboxQueries:
     return InboxQueries(request.app[POOL])
 
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+    if not _DIGITS.fullmatch(raw) or len(raw) > 3 or not 1 <= int(raw) <= 500:
         raise HTTPError(400, "invalid_query", "limit must be a whole number from 1 to 500")
     return int(raw)
 
@@ -236,7 +248,7 @@ async def inbox(request: web.Request) -> web.Response:
     parts = [s for s in status.split(",") if s] or ["open"]
     statuses: str | list[str] = parts[0] if len(parts) == 1 else parts
     page = await _queries(request).inbox(
-        request.match_info["id"], statuses, limit=_limit(request), cursor=_cursor(request)
+        connection_name(request), statuses, limit=_limit(request), cursor=_cursor(request)
     )
     return json_response(page)
 
@@ -279,11 +291,10 @@ async def contact_conversations(request: web.Request) -> web.Response:
 async def counts(request: web.Request) -> web.Response:
     """Visible conversations per status for one connection."""
     require_api_token(request)
-    rows = await _queries(request).counts(request.match_info["id"])
+    name = connection_name(request)
+    rows = await _queries(request).counts(name)
     return json_response(
-        rows[0]
-        if rows
-        else {"connection": request.match_info["id"], "open": 0, "snoozed": 0, "closed": 0}
+        rows[0] if rows else {"connection": name, "open": 0, "snoozed": 0, "closed": 0}
     )
 
 

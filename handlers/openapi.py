@@ -219,7 +219,8 @@ _ERRORS: Final = {
     400: "The request is malformed: a field, query parameter, header or JSON body.",
     401: "A bearer token is missing or wrong.",
     403: "The request is not signed with, or does not carry, the connection's secret.",
-    404: "No such connection, conversation or contact (a malformed id names none).",
+    404: "No such connection, conversation or contact (a malformed id or name names none;"
+    " an unknown but well-formed connection name has an empty inbox).",
     409: "The command conflicts with the conversation's state or version.",
     413: "The body is larger than 1 MiB.",
     415: "The body is not sent as application/json.",
@@ -531,7 +532,7 @@ def _paths() -> dict[str, Any]:
                 "inbox",
                 "A connection's conversations, newest activity first",
                 "agent",
-                {"200": json("ConversationPage", "One page.")} | _errors(400, 401, 503),
+                {"200": json("ConversationPage", "One page.")} | _errors(400, 401, 404, 503),
                 parameters=("ConnectionId", "Status", "Limit", "Cursor"),
                 security=_AGENT,
             )
@@ -541,7 +542,7 @@ def _paths() -> dict[str, Any]:
                 "counts",
                 "A connection's visible conversations per status",
                 "agent",
-                {"200": json("StatusCounts", "The counts.")} | _errors(401, 503),
+                {"200": json("StatusCounts", "The counts.")} | _errors(401, 404, 503),
                 parameters=("ConnectionId",),
                 security=_AGENT,
             )

@@ -22,7 +22,14 @@ from projections.queries import InboxQueries
 from .app import METRICS, POOL, SERVICE, decode_json, json_response, require_api_token
 from .errors import HTTPError
 
-__all__ = ["add_routes", "agent_of", "connection_name", "conversation_id_of", "if_match"]
+__all__ = [
+    "add_routes",
+    "agent_of",
+    "connection_name",
+    "conversation_id_of",
+    "if_match",
+    "text_header",
+]
 
 
 _T = TypeVar("_T", bound=msgspec.Struct)
@@ -95,9 +102,20 @@ def if_match(request: web.Request) -> int | None:
     return int(text)
 
 
+def text_header(request: web.Request, name: str, default: str = "") -> str:
+    """A header's value, stripped; 400 when its bytes are not UTF-8 (aiohttp keeps such bytes
+    as lone surrogates, which cannot be encoded again, hashed or stored)."""
+    value = request.headers.get(name, default).strip()
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise HTTPError(400, "invalid_header", f"{name} must be UTF-8 text") from None
+    return value
+
+
 def agent_of(request: web.Request) -> str:
     """Who acts: ``X-Agent-Id`` (default ``api``)."""
-    agent = request.headers.get("X-Agent-Id", "api").strip()
+    agent = text_header(request, "X-Agent-Id", "api")
     if not agent or len(agent) > 200:
         raise HTTPError(400, "invalid_header", "X-Agent-Id must be 1-200 characters")
     return agent
@@ -178,7 +196,7 @@ async def _restore(request: web.Request, cid: uuid.UUID, version: int | None, by
 
 
 async def _reply(request: web.Request, cid: uuid.UUID, version: int | None, by: str) -> Any:
-    key = request.headers.get("Idempotency-Key", "").strip()
+    key = text_header(request, "Idempotency-Key")
     if not key:
         raise HTTPError(400, "missing_header", "send an Idempotency-Key header with a reply")
     body = await decode_json(request, ReplyBody)

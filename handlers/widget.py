@@ -70,11 +70,13 @@ async def _widget_connection(request: web.Request) -> Connection:
 def _guest(request: web.Request, connection: Connection) -> str:
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
-    guest_id, dot, _ = token.strip().rpartition(".")
-    if scheme.lower() != "bearer" or not dot or not guest_id:
+    token = token.strip()
+    guest_id, dot, _ = token.rpartition(".")
+    # A token is ASCII; other bytes arrive as lone surrogates, which cannot be encoded.
+    if scheme.lower() != "bearer" or not dot or not guest_id or not token.isascii():
         raise HTTPError(401, "unauthorized", "send Authorization: Bearer <guest token>")
     expected = guest_token(_key(request, connection), connection.name, guest_id)
-    if not hmac.compare_digest(expected.encode(), token.strip().encode()):
+    if not hmac.compare_digest(expected.encode(), token.encode()):
         raise HTTPError(401, "unauthorized", "the guest token is not valid for this widget")
     return guest_id
 

@@ -210,7 +210,10 @@ def require_api_token(request: web.Request) -> None:
     if (
         expected is None
         or scheme.lower() != "bearer"
-        or not hmac.compare_digest(token.strip().encode(), expected.encode())
+        # bytes that are not UTF-8 arrive as lone surrogates: keep them as the bytes they were
+        or not hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), expected.encode()
+        )
     ):
         raise HTTPError(401, "unauthorized", "send Authorization: Bearer <CONVSTORE_API_TOKEN>")
 

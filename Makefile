@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# N webhook deliveries while the projector, the server and PostgreSQL are killed (tests/soak.py)
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --deliveries 20000
 
 clean:
 	rm -rf $(VENV) .convstore

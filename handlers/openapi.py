@@ -198,6 +198,15 @@ def _header(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/headers/{name}"}
 
 
+#: Each response header component's header name.
+_HEADER_NAMES: Final = {
+    "XRequestId": "X-Request-Id",
+    "ETag": "ETag",
+    "ConflictETag": "ETag",
+    "RetryAfter": "Retry-After",
+}
+
+
 def _response(
     description: str,
     schema: dict[str, Any] | None = None,
@@ -205,10 +214,11 @@ def _response(
     media: str = "application/json",
     headers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """A response; ``headers`` names components (``ETag``, ``RetryAfter``, ...)."""
     response: dict[str, Any] = {
         "description": description,
         "headers": {"X-Request-Id": _header("XRequestId")}
-        | {name: _header(name.replace("-", "")) for name in headers},
+        | {_HEADER_NAMES[name]: _header(name) for name in headers},
     }
     if schema is not None:
         response["content"] = {media: {"schema": schema}}
@@ -228,10 +238,13 @@ _ERRORS: Final = {
 }
 
 
+_ERROR_HEADERS: Final = {409: ("ConflictETag",), 503: ("RetryAfter",)}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     return {
         str(status): _response(
-            _ERRORS[status], _ref("Error"), headers=("Retry-After",) if status == 503 else ()
+            _ERRORS[status], _ref("Error"), headers=_ERROR_HEADERS.get(status, ())
         )
         for status in statuses
     }
@@ -402,6 +415,11 @@ def _headers() -> dict[str, Any]:
         "ETag": {
             "description": 'The conversation\'s stream version, quoted: "3".',
             "required": True,
+            "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+        },
+        "ConflictETag": {
+            "description": 'On a version_conflict, the current version, quoted: "3".',
+            "required": False,
             "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
         },
         "RetryAfter": {

@@ -83,7 +83,6 @@ class Guest:
 class World:
     """Real ids, tokens and cursors to draw valid requests from."""
 
-    connections: list[str] = field(default_factory=list)
     guests: list[Guest] = field(default_factory=list)
     conversations: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
@@ -136,7 +135,7 @@ CRAFTED_CURSORS = (
 async def _world(http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]) -> World:
     from projections import PROJECTIONS, catch_up
 
-    world = World(connections=["site", "lobby", "bot"])
+    world = World()
     await add_connection(pool, "site", channel="widget", external_id="w1", secret_token="s3")
     await add_connection(pool, "lobby", channel="widget", external_id="w2")
     await add_connection(pool, "bot", channel="telegram", external_id="b1", secret_token="t0k")

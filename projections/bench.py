@@ -122,7 +122,8 @@ async def fill_inbox(
     per three conversations) except 5% that belong to 50 heavy contacts; ``messages`` message
     rows (default: as many as conversations) spread over the first conversations, one in a
     hundred of them long; ``merges`` merged contacts, each into a heavy one. Deterministic:
-    ids are derived from row numbers.
+    ids are derived from row numbers. Columns are named: a column added later needs a default
+    (or a value here).
     """
     contacts = contacts or max(1, conversations // 3)
     messages = conversations if messages is None else messages
@@ -138,7 +139,11 @@ async def fill_inbox(
     await conn.execute(
         sql.SQL(
             """
-            INSERT INTO {conversations}
+            INSERT INTO {conversations} (
+                conversation_id, connection, channel, psid, contact_id, status, opened_at,
+                closed_at, snoozed_until, deleted_at, last_message_at, last_message_id,
+                last_message_preview, last_message_direction, last_activity_at, message_count,
+                inbound_count, unread_count)
             SELECT md5('conversation' || i)::uuid, 'conn-' || (i %% %(connections)s),
                    'messenger', 'psid-' || i,
                    md5('contact' || CASE WHEN s.r < 5 THEN i %% 50
@@ -168,7 +173,9 @@ async def fill_inbox(
     await conn.execute(
         sql.SQL(
             """
-            INSERT INTO {messages}
+            INSERT INTO {messages} (
+                conversation_id, stream_version, message_id, direction, inbound_number, text,
+                attachments, sent_at, author, provider_message_id, edited_at)
             SELECT md5('conversation' || c)::uuid, v, md5('message' || c || '-' || v)::uuid,
                    CASE WHEN v %% 2 = 0 THEN 'out' ELSE 'in' END, (v + 1) / 2,
                    'message ' || v, NULL,
@@ -185,7 +192,7 @@ async def fill_inbox(
     await conn.execute(
         sql.SQL(
             """
-            INSERT INTO {contact_merges}
+            INSERT INTO {contact_merges} (from_contact_id, into_contact_id, merged_at)
             SELECT md5('merged' || i)::uuid, md5('contact' || (i %% 50))::uuid,
                    timestamptz '2024-06-01'
             FROM generate_series(1, %(merges)s) AS i
@@ -195,7 +202,8 @@ async def fill_inbox(
     )
     await conn.execute(
         sql.SQL(
-            "INSERT INTO {counts} SELECT connection, status, count(*) FROM {conversations}"
+            "INSERT INTO {counts} (connection, status, conversations)"
+            " SELECT connection, status, count(*) FROM {conversations}"
             " WHERE deleted_at IS NULL GROUP BY 1, 2"
         ).format(**t)
     )

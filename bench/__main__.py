@@ -16,7 +16,7 @@ from eventstore.database import connect_kwargs, resolve_database_url
 
 from . import paths as _paths  # noqa: F401  (registers every path)
 from .context import BenchContext, create_scratch_database, drop_scratch_database
-from .environment import machine_info, server_info
+from .environment import code_revision, machine_info, server_info
 from .explain import CHECK_NAMES, CheckResult, run_explain_checks
 from .harness import PathResult, Timing, run_path
 from .registry import REGISTRY
@@ -74,6 +74,7 @@ def _selected(name: str, patterns: list[str] | None) -> bool:
 
 async def _run(args: argparse.Namespace, url: str, command: str) -> RunResult:
     started = now()
+    revision = code_revision()
     machine = machine_info()
     timing = Timing.for_mode(args.quick)
     if args.rounds or args.seconds:
@@ -95,7 +96,10 @@ async def _run(args: argparse.Namespace, url: str, command: str) -> RunResult:
         print("settings: " + " ".join(f"{k}={v}" for k, v in server.settings.items()))
         if not server.durable:
             print("WARNING: fsync, synchronous_commit or full_page_writes is off on this server")
-        print(f"mode: {'quick' if args.quick else 'full'}; db: {args.database_name}")
+        print(
+            f"mode: {'quick' if args.quick else 'full'}; db: {args.database_name};"
+            f" revision: {revision}"
+        )
         results: list[PathResult] = []
         for path in REGISTRY.values():
             if not _selected(path.name, args.only):
@@ -121,6 +125,7 @@ async def _run(args: argparse.Namespace, url: str, command: str) -> RunResult:
             finished_at=now(),
             mode="quick" if args.quick else "full",
             command=command,
+            revision=revision,
             timing=timing,
             machine=machine,
             machine_load_after=machine_info().load_average,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,7 @@ import psycopg
 
 __all__ = [
     "DURABILITY_SETTINGS",
+    "code_revision",
     "KEY_SETTINGS",
     "MachineInfo",
     "ServerInfo",
@@ -144,3 +146,26 @@ async def server_info(conn: psycopg.AsyncConnection[Any]) -> ServerInfo:
         settings=settings,
         durable=durable,
     )
+
+
+def code_revision() -> str:
+    """The commit the measured code is at, with ``+dirty`` when eventstore/ or sql/ differ."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "eventstore", "sql"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

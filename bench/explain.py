@@ -129,9 +129,9 @@ async def _check(
     assert row is not None, "psycopg did not prepare the statement"
     values = _ordered_values(text, params)
     # EXECUTE's arguments are composed as literals: bound parameters would be untyped there.
-    execute = sql.SQL("EXECUTE {}({})").format(
-        sql.Identifier(str(row[0])), sql.SQL(", ").join(sql.Literal(v) for v in values)
-    )
+    execute = sql.SQL("EXECUTE {}").format(sql.Identifier(str(row[0])))
+    if values:
+        execute += sql.SQL("({})").format(sql.SQL(", ").join(sql.Literal(v) for v in values))
     await conn.execute("SET plan_cache_mode = force_generic_plan")
     try:
         row = await (await conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + execute)).fetchone()
@@ -189,7 +189,7 @@ async def _captured(call: Callable[[EventStore], Awaitable[object]]) -> tuple[sq
 
 
 async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
-    """Explain read_all (from a mid-log checkpoint, behind the fence) and read_stream."""
+    """Explain read_all (from a mid-log checkpoint, behind the fence), head and read_stream."""
     from .paths.read_all import ensure_log
 
     await ensure_log(ctx)
@@ -213,6 +213,10 @@ async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
         query, params = await _captured(lambda store: store.read_all(checkpoint, 1000))
         results += await _check(
             conn, "explain_read_all", query, params, "events_global_order_idx", sizes
+        )
+        query, params = await _captured(lambda store: store.head())
+        results += await _check(
+            conn, "explain_head", query, params, "events_global_order_idx", sizes
         )
         for direction in ("forwards", "backwards"):
 
@@ -249,6 +253,6 @@ def _fail_small_table(sizes: Mapping[str, float]) -> CheckResult | None:
 #: The names of the checks :func:`run_explain_checks` reports (for ``--only`` and ``--list``).
 CHECK_NAMES: tuple[str, ...] = tuple(
     f"explain_{query}_{plan}"
-    for query in ("read_all", "read_stream_forwards", "read_stream_backwards")
+    for query in ("read_all", "head", "read_stream_forwards", "read_stream_backwards")
     for plan in ("custom", "generic")
 )

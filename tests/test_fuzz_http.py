@@ -73,6 +73,17 @@ hostile_text = st.one_of(
     st.text(st.characters(categories=["Cs", "Cc", "So"]), max_size=8),
     st.sampled_from(["", "\x00", "a\x00b", "\ud800", "\udfff x", "x" * 501, "y" * 20_001]),
 )
+#: Mostly JSON; sometimes another media type, JSON with parameters, or none at all.
+content_types = st.sampled_from(
+    ["application/json"] * 10
+    + [
+        "application/json; charset=utf-8",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "",
+    ]
+)
 scalars = st.one_of(st.none(), st.booleans(), hostile_numbers, hostile_text)
 json_values = st.recursive(
     scalars,
@@ -191,11 +202,13 @@ def meta_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     secret = PAGE_SECRET if template["object"] == "page" else IG_SECRET
     signing = draw(st.sampled_from(["right"] * 8 + ["wrong", "garbage"]))
     if signing == "right":
-        return body, meta_headers(body, secret)
-    if signing == "wrong":
-        return body, meta_headers(body, "not-the-secret")
-    header = draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80))
-    return body, {"Content-Type": "application/json", "X-Hub-Signature-256": header}
+        headers = meta_headers(body, secret)
+    elif signing == "wrong":
+        headers = meta_headers(body, "not-the-secret")
+    else:
+        header = draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80))
+        headers = {**JSON, "X-Hub-Signature-256": header}
+    return body, {**headers, "Content-Type": draw(content_types)}
 
 
 @st.composite
@@ -225,7 +238,7 @@ def telegram_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
         update["edited_message" if kind == "edited_message" else "message"] = message
     body = draw(damaged(draw(mutated(update))))
     token = draw(st.sampled_from([BOT_SECRET] * 8 + ["wrong", ""]))
-    return body, {**JSON, "X-Telegram-Bot-Api-Secret-Token": token}
+    return body, {"Content-Type": draw(content_types), "X-Telegram-Bot-Api-Secret-Token": token}
 
 
 def guest_auth(world: World) -> st.SearchStrategy[dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from eventstore.errors import ConvstoreError
@@ -13,6 +14,7 @@ __all__ = [
     "ConversationNotFound",
     "InvalidCommand",
     "InvalidTransition",
+    "MessagingWindowClosed",
     "RetriesExhausted",
 ]
 
@@ -82,3 +84,39 @@ class RetriesExhausted(ConvstoreError):
         super().__init__(f"{command} lost {attempts} races in a row; nothing was stored")
         self.command = command
         self.attempts = attempts
+
+
+class MessagingWindowClosed(ConvstoreError):
+    """Meta refuses a reply outside its messaging window unless a permitted tag is given.
+
+    Messenger and Instagram accept a standard reply up to 24 hours after the customer's last
+    message; later ones need a message tag (``HUMAN_AGENT`` extends the window to 7 days).
+    """
+
+    def __init__(
+        self,
+        conversation_id: uuid.UUID,
+        channel: str,
+        last_customer_message_at: dt.datetime | None,
+        window: dt.timedelta,
+        permitted_tags: tuple[str, ...],
+        tag: str | None = None,
+    ) -> None:
+        hours = int(window.total_seconds() // 3600)
+        when = (
+            last_customer_message_at.isoformat()
+            if last_customer_message_at is not None
+            else "never"
+        )
+        given = f"with tag {tag}" if tag else "without a message tag"
+        super().__init__(
+            f"cannot reply to {conversation_id} {given}: the customer's last {channel} message"
+            f" ({when}) is more than {hours} hours old; send one of the tags"
+            f" {', '.join(permitted_tags)} if one applies"
+        )
+        self.conversation_id = conversation_id
+        self.channel = channel
+        self.last_customer_message_at = last_customer_message_at
+        self.window = window
+        self.permitted_tags = permitted_tags
+        self.tag = tag

@@ -40,6 +40,11 @@ __all__ = [
     "MessageReceived",
     "MessageSent",
     "MessagesRead",
+    "ReplyAttemptFailed",
+    "ReplyAttempted",
+    "ReplyConfirmed",
+    "ReplyDelivered",
+    "ReplyFailed",
     "contact_stream",
     "conversation_stream",
 ]
@@ -177,6 +182,77 @@ class MessagesRead(msgspec.Struct, frozen=True, tag=True):
     read_at: dt.datetime
 
 
+# --------------------------------------------------------------------------- reply delivery
+# An agent reply (``MessageSent`` with source "agent") is queued; the delivery daemon records
+# each attempt before calling the provider and its outcome after (see handlers/delivery.py).
+# Each names the reply by its ``message_id``.
+
+
+class ReplyAttempted(msgspec.Struct, frozen=True, tag=True):
+    """Attempt ``attempt`` (1, 2, ...) to send a reply begins; committed before the call."""
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    attempt: int
+    attempted_at: dt.datetime
+
+
+class ReplyDelivered(msgspec.Struct, frozen=True, tag=True):
+    """The provider accepted the reply (or, on the widget, the guest can now see it)."""
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    attempt: int
+    delivered_at: dt.datetime
+    provider_message_id: str | None = None
+
+
+class ReplyAttemptFailed(msgspec.Struct, frozen=True, tag=True):
+    """An attempt failed in a way worth retrying; the next one is due at ``retry_at``.
+
+    ``maybe_sent``: the provider may have sent it anyway (a timeout, a connection lost after
+    the request went out), so the attempt counts against the resend budget.
+    """
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    attempt: int
+    failed_at: dt.datetime
+    error: str
+    retry_at: dt.datetime
+    status: int | None = None  # the provider's HTTP status, when it answered
+    maybe_sent: bool = False
+
+
+class ReplyFailed(msgspec.Struct, frozen=True, tag=True):
+    """The reply will not be sent (again): the last word on it unless an echo confirms it.
+
+    ``reason``: ``permanent`` (the provider refused it), ``exhausted`` (every attempt failed),
+    ``uncertain`` (two attempts may have reached the provider: a third could be a duplicate),
+    ``expired`` (queued too long ago to be sent now), ``unsendable`` (no token, no channel).
+    """
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    attempt: int  # the last attempt made (0: none)
+    failed_at: dt.datetime
+    reason: str
+    error: str
+    status: int | None = None
+
+
+class ReplyConfirmed(msgspec.Struct, frozen=True, tag=True):
+    """The provider echoed the reply back (Meta's ``is_echo`` carrying our ``metadata``).
+
+    Proof that it was sent, whatever the daemon recorded; never a second outbound message.
+    """
+
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    provider_message_id: str
+    confirmed_at: dt.datetime
+
+
 # --------------------------------------------------------------------------- contacts
 
 
@@ -234,6 +310,11 @@ ConversationEvent = (
     | ConversationDeleted
     | ConversationRestored
     | MessagesRead
+    | ReplyAttempted
+    | ReplyDelivered
+    | ReplyAttemptFailed
+    | ReplyFailed
+    | ReplyConfirmed
 )
 ContactEvent = ContactCreated | GuestSignedUp | ContactIdentified | ContactsMerged
 
@@ -249,6 +330,11 @@ CONVERSATION_EVENTS: tuple[type[msgspec.Struct], ...] = (
     ConversationDeleted,
     ConversationRestored,
     MessagesRead,
+    ReplyAttempted,
+    ReplyDelivered,
+    ReplyAttemptFailed,
+    ReplyFailed,
+    ReplyConfirmed,
 )
 CONTACT_EVENTS: tuple[type[msgspec.Struct], ...] = (
     ContactCreated,

@@ -33,6 +33,7 @@ from eventstore import (
 )
 from eventstore.errors import raise_translated, translate_errors
 
+from .delivery import META_CHANNELS, check_reply, confirm_echo, reply_in_metadata
 from .errors import (
     ConnectionNotFound,
     ContactNotFound,
@@ -120,6 +121,8 @@ class CommandResult(msgspec.Struct, frozen=True):
     version: int
     event_ids: tuple[uuid.UUID, ...] = ()
     duplicate: bool = False
+    #: an echo recorded as the confirmation of this reply (not as a message)
+    confirmed_reply: uuid.UUID | None = None
 
 
 class GuestSignUp(msgspec.Struct, frozen=True):
@@ -186,6 +189,17 @@ LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
 LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
 LEFT JOIN streams s ON s.stream_id = r.stream_id
 WHERE c.name = %(connection)s
+"""
+
+# The newest customer message of a key, over its conversations (Meta's window counts from it).
+_LAST_CUSTOMER_MESSAGE = """
+SELECT max(last.sent_at) FROM conversations v
+CROSS JOIN LATERAL (
+    SELECT (e.data ->> 'sent_at')::timestamptz AS sent_at FROM events e
+    WHERE e.stream_id = v.stream_id AND e.type = 'MessageReceived'
+    ORDER BY e.stream_version DESC LIMIT 1
+) AS last
+WHERE v.connection = %s AND v.psid = %s
 """
 
 _CONVERSATION = """
@@ -731,7 +745,14 @@ class ConversationService:
         expected_version: int | None = None,
         tag: str | None = None,
     ) -> CommandResult:
-        """Append an agent reply; the same ``idempotency_key`` stores it once."""
+        """Queue an agent reply for delivery; the same ``idempotency_key`` stores it once.
+
+        Refused up front when the channel would refuse it: longer than the channel's limit or
+        with a tag it does not permit (:class:`InvalidCommand`), or on Messenger and Instagram
+        outside Meta's messaging window (:class:`MessagingWindowClosed`): more than 24 hours
+        after the customer's last message without a permitted tag, or 7 days with
+        ``HUMAN_AGENT``. The delivery daemon sends it (``handlers/delivery.py``).
+        """
         _check_actor(by)
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             raise InvalidCommand(f"text must be 1-{MAX_TEXT} characters", field="text")
@@ -755,7 +776,19 @@ class ConversationService:
                 return []
             if state.deleted:
                 raise InvalidTransition(conversation_id, "reply to", "deleted", state.version)
-            sent = MessageSent(conversation_id, event_id, text, _now(), by, "agent", tag=tag)
+            now = _now()
+            channel = await self._one(
+                conn, "SELECT channel FROM connections WHERE name = %s", (state.connection,)
+            )
+            if channel is not None:
+                last_in = None
+                if channel[0] in META_CHANNELS:
+                    row = await self._one(
+                        conn, _LAST_CUSTOMER_MESSAGE, (state.connection, state.psid)
+                    )
+                    last_in = row[0] if row else None
+                check_reply(conversation_id, channel[0], text, tag, last_in, now)
+            sent = MessageSent(conversation_id, event_id, text, now, by, "agent", tag=tag)
             return [self._event(sent, event_id=event_id, idempotency_key=idempotency_key)]
 
         result = await self._command("reply", conversation_id, expected_version, decide)
@@ -770,12 +803,17 @@ class ConversationService:
         text: str | None,
         sent_at: dt.datetime,
         attachments: tuple[Attachment, ...] = (),
+        metadata: str | None = None,
     ) -> CommandResult | None:
         """Store a provider echo (a message sent from the page itself) as outbound, once.
 
-        Lands in the key's current conversation; ``None`` when the key has none yet.
+        Lands in the key's current conversation; ``None`` when the key has none yet. The echo
+        of one of our own replies (its ``metadata`` names the reply, or it carries the provider
+        message id the reply was delivered with) is recorded as that reply's
+        ``ReplyConfirmed`` instead, once per reply: never as a second outbound message.
         """
         message_id = deterministic_id(_millis(sent_at), connection, "out", provider_message_id)
+        reply_id = reply_in_metadata(metadata)
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:
             row = await self._one(
@@ -792,6 +830,28 @@ class ConversationService:
             if dup is not None:
                 self.stats.duplicates_dropped += 1
                 return CommandResult(cid, version, (message_id,), duplicate=True)
+            confirmed = await confirm_echo(
+                conn,
+                self.store,
+                connection=connection,
+                psid=psid,
+                reply_id=reply_id,
+                current_stream=stream_id,
+                provider_message_id=provider_message_id,
+                confirmed_at=sent_at,
+                event_id=message_id,
+            )
+            if confirmed is not None:
+                reply_cid, reply, reply_version, duplicate = confirmed
+                if duplicate:
+                    self.stats.duplicates_dropped += 1
+                return CommandResult(
+                    reply_cid,
+                    reply_version,
+                    () if duplicate else (message_id,),
+                    duplicate=duplicate,
+                    confirmed_reply=reply,
+                )
             sent = MessageSent(
                 cid, message_id, text, sent_at, "echo", "echo", provider_message_id, attachments
             )

@@ -299,7 +299,8 @@ async def test_stale_expected_version_is_a_conflict_with_the_actual_version(
 
 
 async def test_agent_reply_and_read(service: ConversationService) -> None:
-    c = await service.receive_inbound("fb", "ivy", msg("1"))
+    # A recent message: Messenger takes replies within 24 hours of the customer's last one.
+    c = await service.receive_inbound("fb", "ivy", msg("1", at=dt.datetime.now(dt.UTC)))
     r1 = await service.reply(c.conversation_id, by="agent", text="hello", idempotency_key="k1")
     r2 = await service.reply(c.conversation_id, by="agent", text="hello", idempotency_key="k1")
     assert r2.duplicate and r1.event_ids == r2.event_ids

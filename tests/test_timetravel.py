@@ -62,7 +62,10 @@ async def test_inbox_as_of_earlier_moment_equals_the_copy_taken_then(
     # History moves on: closes, replies, new customers, a delete.
     for n in range(2, 5):
         await service.close(first[n].conversation_id, by="a")
-    await service.reply(first[5].conversation_id, by="a", text="ok", idempotency_key="k")
+    # An update tag: these customers wrote more than Messenger's 24-hour window ago.
+    await service.reply(
+        first[5].conversation_id, by="a", text="ok", idempotency_key="k", tag="ACCOUNT_UPDATE"
+    )
     await service.delete(first[6].conversation_id, by="a")
     for n in range(8, 11):
         await service.receive_inbound("fb", f"c{n}", InboundMessage(f"m{n}", BASE, f"hi {n}"))

@@ -30,6 +30,13 @@ Meaning of the columns
   subtraction.
 - ``contact_id`` is the surviving contact: a merge moves every conversation of the merged
   contact, and ``contact_merges`` redirects later events that still name it.
+- ``messages.delivery_status`` is where an outbound message stands: an agent reply is
+  ``queued``, ``sending`` (an attempt is in flight), ``retrying`` (the last attempt failed and
+  another is due), ``delivered`` or ``failed``; an echo (sent outside convstore) is
+  ``delivered``; customer messages have none. Delivered is final: a late failure (a paused
+  daemon's) does not undo it, and an echo confirming a failed reply makes it delivered.
+  ``conversations.failed_replies`` counts the replies that are failed now, the inbox's failed
+  marker; ``last_message_status`` is the last message's delivery status.
 """
 
 from __future__ import annotations
@@ -59,6 +66,11 @@ from conversations.events import (
     MessageReceived,
     MessageSent,
     MessagesRead,
+    ReplyAttempted,
+    ReplyAttemptFailed,
+    ReplyConfirmed,
+    ReplyDelivered,
+    ReplyFailed,
 )
 from eventstore import EventCodec, RecordedEvent
 
@@ -92,6 +104,8 @@ _CONVERSATION_COLUMNS: Final = (
     ("message_count", "integer"),
     ("inbound_count", "integer"),
     ("unread_count", "integer"),
+    ("last_message_status", "text"),
+    ("failed_replies", "integer"),
 )
 
 _MESSAGE_COLUMNS: Final = (
@@ -106,6 +120,10 @@ _MESSAGE_COLUMNS: Final = (
     ("author", "text"),
     ("provider_message_id", "text"),
     ("edited_at", "timestamptz"),
+    ("delivery_status", "text"),
+    ("delivery_attempts", "integer"),
+    ("delivery_error", "text"),
+    ("delivered_at", "timestamptz"),
 )
 
 _TABLE_DDL: Final = (
@@ -129,7 +147,9 @@ _TABLE_DDL: Final = (
         last_activity_at        timestamptz NOT NULL,
         message_count           integer     NOT NULL CHECK (message_count >= 0),
         inbound_count           integer     NOT NULL CHECK (inbound_count >= 0),
-        unread_count            integer     NOT NULL CHECK (unread_count >= 0)
+        unread_count            integer     NOT NULL CHECK (unread_count >= 0),
+        last_message_status     text,
+        failed_replies          integer     NOT NULL DEFAULT 0 CHECK (failed_replies >= 0)
     )
     """,
     """
@@ -145,6 +165,11 @@ _TABLE_DDL: Final = (
         author              text,
         provider_message_id text,
         edited_at           timestamptz,
+        delivery_status     text        CHECK (delivery_status IN
+                                        ('queued', 'sending', 'retrying', 'delivered', 'failed')),
+        delivery_attempts   integer     NOT NULL DEFAULT 0,
+        delivery_error      text,
+        delivered_at        timestamptz,
         PRIMARY KEY (conversation_id, stream_version)
     )
     """,
@@ -209,7 +234,19 @@ _HANDLED: Final = frozenset(
         "ConversationRestored",
         "MessagesRead",
         "ContactsMerged",
+        "ReplyAttempted",
+        "ReplyDelivered",
+        "ReplyAttemptFailed",
+        "ReplyFailed",
+        "ReplyConfirmed",
     }
+)
+_DELIVERY_EVENTS: Final = (
+    ReplyAttempted,
+    ReplyDelivered,
+    ReplyAttemptFailed,
+    ReplyFailed,
+    ReplyConfirmed,
 )
 
 
@@ -224,12 +261,14 @@ class _Conversation:
         "conversation_id",
         "counted",
         "deleted_at",
+        "failed_replies",
         "inbound_count",
         "last_activity_at",
         "last_message_at",
         "last_message_direction",
         "last_message_id",
         "last_message_preview",
+        "last_message_status",
         "message_count",
         "opened_at",
         "psid",
@@ -256,6 +295,8 @@ class _Conversation:
     message_count: int
     inbound_count: int
     unread_count: int
+    last_message_status: str | None
+    failed_replies: int
     counted: tuple[str, str] | None
 
     @classmethod
@@ -281,6 +322,8 @@ class _Conversation:
         self.last_message_preview = self.last_message_direction = None
         self.last_activity_at = event.opened_at
         self.message_count = self.inbound_count = self.unread_count = 0
+        self.last_message_status = None
+        self.failed_replies = 0
         self.counted = None
         return self
 
@@ -308,13 +351,86 @@ class _Conversation:
             self.message_count,
             self.inbound_count,
             self.unread_count,
+            self.last_message_status,
+            self.failed_replies,
         )
+
+
+class _Delivery:
+    """Where an outbound message stands (the ``delivery_*`` columns and its provider id)."""
+
+    __slots__ = ("attempts", "delivered_at", "error", "provider_message_id", "status")
+
+    def __init__(
+        self,
+        status: str | None,
+        attempts: int = 0,
+        error: str | None = None,
+        delivered_at: dt.datetime | None = None,
+        provider_message_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.attempts = attempts
+        self.error = error
+        self.delivered_at = delivered_at
+        self.provider_message_id = provider_message_id
+
+    @classmethod
+    def of(cls, data: MessageReceived | MessageSent) -> _Delivery:
+        if isinstance(data, MessageReceived):
+            return cls(None, provider_message_id=data.provider_message_id)
+        if data.source == "agent":
+            return cls("queued", provider_message_id=data.provider_message_id)
+        return cls(
+            "delivered", delivered_at=data.sent_at, provider_message_id=data.provider_message_id
+        )
+
+    def apply(self, data: Any) -> None:
+        """One delivery event; delivered is final (see the module docstring)."""
+        kind = type(data)
+        if self.status is None:
+            return  # not a reply (the fold checks the owner; an echo id is never reused)
+        if kind is ReplyDelivered or kind is ReplyConfirmed:
+            if self.status != "delivered":
+                self.status = "delivered"
+                self.error = None
+                self.delivered_at = (
+                    data.delivered_at if kind is ReplyDelivered else data.confirmed_at
+                )
+            if self.provider_message_id is None:
+                self.provider_message_id = data.provider_message_id
+            if kind is ReplyDelivered:
+                self.attempts = max(self.attempts, data.attempt)
+        elif self.status == "delivered":
+            return
+        elif kind is ReplyFailed:
+            self.status, self.error = "failed", data.error
+            self.attempts = max(self.attempts, data.attempt)
+        elif self.status == "failed":
+            return
+        elif kind is ReplyAttempted:
+            self.status = "sending"
+            self.attempts = max(self.attempts, data.attempt)
+        elif kind is ReplyAttemptFailed:
+            self.status, self.error = "retrying", data.error
+            self.attempts = max(self.attempts, data.attempt)
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.status, self.attempts, self.error, self.delivered_at, self.provider_message_id)
 
 
 class _Message:
     """A message row inserted by this batch (edits and reads may still change or name it)."""
 
-    __slots__ = ("attachment_types", "attachments", "edited_at", "event", "inbound_number", "text")
+    __slots__ = (
+        "attachment_types",
+        "attachments",
+        "delivery",
+        "edited_at",
+        "event",
+        "inbound_number",
+        "text",
+    )
 
     def __init__(self, event: RecordedEvent, inbound_number: int) -> None:
         data: MessageReceived | MessageSent = event.data
@@ -324,14 +440,16 @@ class _Message:
         self.attachment_types = tuple(a.type for a in data.attachments)
         self.attachments = _RawJsonb(_JSON.encode(data.attachments)) if data.attachments else None
         self.edited_at: dt.datetime | None = None
+        self.delivery = _Delivery.of(data)
 
 
 class _Stored(msgspec.Struct, frozen=True):
-    """What a read or an edit needs of a message stored by an earlier batch."""
+    """What a read, an edit or a delivery event needs of a message stored by an earlier batch."""
 
     conversation_id: uuid.UUID
     inbound_number: int
     attachment_types: tuple[str, ...]
+    delivery: _Delivery
 
 
 class _AttachmentType(msgspec.Struct):
@@ -374,8 +492,17 @@ class _Statements:
             "SELECT {cols} FROM {t} WHERE conversation_id = ANY(%b::uuid[])"
         ).format(cols=_columns(_CONVERSATION_COLUMNS), t=conversations)
         self.load_messages = sql.SQL(
-            "SELECT message_id, conversation_id, inbound_number, attachments FROM {t}"
+            "SELECT message_id, conversation_id, inbound_number, attachments, delivery_status,"
+            " delivery_attempts, delivery_error, delivered_at, provider_message_id FROM {t}"
             " WHERE message_id = ANY(%b::uuid[])"
+        ).format(t=messages)
+        self.deliver_messages = sql.SQL(
+            "UPDATE {t} AS m SET delivery_status = u.status, delivery_attempts = u.attempts,"
+            " delivery_error = u.error, delivered_at = u.delivered_at,"
+            " provider_message_id = u.provider_message_id"
+            " FROM unnest(%b::uuid[], %b::text[], %b::integer[], %b::text[], %b::timestamptz[],"
+            " %b::text[]) AS u(message_id, status, attempts, error, delivered_at,"
+            " provider_message_id) WHERE m.message_id = u.message_id"
         ).format(t=messages)
         self.load_merges = sql.SQL(
             "SELECT from_contact_id, into_contact_id FROM {t}"
@@ -442,6 +569,7 @@ class _Batch:
         self.merges = merges  # merged contact -> surviving contact
         self.new_messages: dict[uuid.UUID, _Message] = {}
         self.edits: dict[uuid.UUID, tuple[str | None, dt.datetime]] = {}
+        self.deliveries: set[uuid.UUID] = set()  # known messages whose delivery changed
         self.merge_log: list[ContactsMerged] = []
 
     def conversation(self, event: RecordedEvent, conversation_id: uuid.UUID) -> _Conversation:
@@ -488,6 +616,8 @@ class _Batch:
             self.conversation(event, data.conversation_id).deleted_at = None
         elif kind is ContactsMerged:
             self.merge(data)
+        elif kind in _DELIVERY_EVENTS:
+            self.deliver(event, data)
         elif kind is UndecodableEvent:
             raise EventFailed(event, f"cannot decode the event's data: {data.error}")
         else:
@@ -508,6 +638,29 @@ class _Batch:
         conv.last_message_id = data.message_id
         conv.last_message_preview = preview
         conv.last_message_direction = "in" if inbound else "out"
+        conv.last_message_status = message.delivery.status
+
+    def deliver(self, event: RecordedEvent, data: Any) -> None:
+        conv = self.conversation(event, data.conversation_id)
+        new = self.new_messages.get(data.message_id)
+        if new is not None:
+            owner, delivery = new.event.data.conversation_id, new.delivery
+        else:
+            known = self.known_messages.get(data.message_id)
+            if known is None:
+                raise EventFailed(event, f"delivery of unknown message {data.message_id}")
+            owner, delivery = known.conversation_id, known.delivery
+            self.deliveries.add(data.message_id)
+        if owner != conv.conversation_id:
+            raise EventFailed(event, f"message {data.message_id} belongs to conversation {owner}")
+        was = delivery.status
+        delivery.apply(data)
+        if was != "failed" and delivery.status == "failed":
+            conv.failed_replies += 1
+        elif was == "failed" and delivery.status != "failed":
+            conv.failed_replies -= 1
+        if conv.last_message_id == data.message_id:
+            conv.last_message_status = delivery.status
 
     def read(self, event: RecordedEvent, data: MessagesRead) -> None:
         conv = self.conversation(event, data.conversation_id)
@@ -563,7 +716,8 @@ class InboxProjection(Projection):
     """Inbox rows, message lists, counts per status and contact merges (see the module)."""
 
     name: ClassVar[str] = "inbox"
-    version: ClassVar[int] = 1
+    #: 2: delivery status of outbound messages, failed replies per conversation
+    version: ClassVar[int] = 2
     handles: ClassVar[frozenset[str]] = _HANDLED
     tables: ClassVar[tuple[str, ...]] = ("conversations", "messages", "counts", "contact_merges")
     codec: ClassVar[EventCodec] = CODEC
@@ -611,6 +765,9 @@ class InboxProjection(Projection):
             if kind is MessageReceived or kind is MessageSent:
                 conversation_ids.add(data.conversation_id)
                 new_messages.add(data.message_id)
+            elif kind in _DELIVERY_EVENTS:
+                conversation_ids.add(data.conversation_id)
+                named_messages.add(data.message_id)
             elif kind is ContactsMerged:
                 contacts.add(data.into_contact_id)
                 contacts.add(data.from_contact_id)
@@ -631,9 +788,9 @@ class InboxProjection(Projection):
         lookup = named_messages - new_messages
         if lookup:
             cur = await conn.execute(st.load_messages, (list(lookup),))
-            for message_id, conversation_id, number, attachments in await cur.fetchall():
+            for message_id, conversation_id, number, attachments, *delivery in await cur.fetchall():
                 types = tuple(a.type for a in _ATTACHMENT_TYPES.decode(attachments or b"[]"))
-                known[message_id] = _Stored(conversation_id, number, types)
+                known[message_id] = _Stored(conversation_id, number, types, _Delivery(*delivery))
         merges: dict[uuid.UUID, uuid.UUID] = {}
         if contacts:
             cur = await conn.execute(st.load_merges, (list(contacts),))
@@ -650,6 +807,12 @@ class InboxProjection(Projection):
             await conn.execute(
                 st.edit_messages,
                 (ids, [batch.edits[i][0] for i in ids], [batch.edits[i][1] for i in ids]),
+            )
+        if batch.deliveries:
+            ids = list(batch.deliveries)
+            rows = [batch.known_messages[i].delivery.row() for i in ids]
+            await conn.execute(
+                st.deliver_messages, [ids, *(list(col) for col in zip(*rows, strict=True))]
             )
         if batch.conversations:
             rows = [conv.row() for conv in batch.conversations.values()]
@@ -727,7 +890,11 @@ async def _copy_messages(
                         message.attachments,
                         data.sent_at,
                         None if inbound else data.author,
-                        data.provider_message_id,
+                        message.delivery.provider_message_id,
                         message.edited_at,
+                        message.delivery.status,
+                        message.delivery.attempts,
+                        message.delivery.error,
+                        message.delivery.delivered_at,
                     )
                 )

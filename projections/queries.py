@@ -75,10 +75,19 @@ class Conversation(msgspec.Struct, frozen=True):
     last_activity_at: dt.datetime
     message_count: int
     unread_count: int
+    #: the last message's delivery status (an outbound one's; see :class:`Message`)
+    last_message_status: str | None
+    #: replies whose delivery failed: the inbox's failed marker
+    failed_replies: int
 
 
 class Message(msgspec.Struct, frozen=True):
-    """A message of a conversation; ``direction`` is ``in`` (customer) or ``out``."""
+    """A message of a conversation; ``direction`` is ``in`` (customer) or ``out``.
+
+    ``delivery_status`` (outbound only): ``queued``, ``sending``, ``retrying``, ``delivered``
+    or ``failed``; ``delivery_error`` is the provider's last error, ``delivery_attempts`` the
+    attempts made, ``delivered_at`` when the provider accepted it (or echoed it back).
+    """
 
     message_id: uuid.UUID
     conversation_id: uuid.UUID
@@ -90,6 +99,10 @@ class Message(msgspec.Struct, frozen=True):
     provider_message_id: str | None
     edited_at: dt.datetime | None
     stream_version: int
+    delivery_status: str | None
+    delivery_attempts: int
+    delivery_error: str | None
+    delivered_at: dt.datetime | None
 
 
 class Page(msgspec.Struct, Generic[T], frozen=True):
@@ -119,7 +132,7 @@ _CONVERSATION_COLUMNS: Final = sql.SQL(
     " CASE WHEN status = 'snoozed' AND snoozed_until <= {now} THEN 'open' ELSE status END,"
     " opened_at, closed_at, snoozed_until, deleted_at, last_message_at, last_message_id,"
     " last_message_preview, last_message_direction, last_activity_at, message_count,"
-    " unread_count"
+    " unread_count, last_message_status, failed_replies"
 ).format(now=_NOW)
 
 # Each requested status is one or two ranges of the inbox index: (stored status, extra filter).
@@ -386,7 +399,8 @@ class InboxQueries:
             after = sql.SQL("AND stream_version < %(version)s")
         query = sql.SQL(
             "SELECT message_id, conversation_id, direction, text, attachments, sent_at, author,"
-            " provider_message_id, edited_at, stream_version FROM {t}"
+            " provider_message_id, edited_at, stream_version, delivery_status,"
+            " delivery_attempts, delivery_error, delivered_at FROM {t}"
             " WHERE conversation_id = %(id)s {after} ORDER BY stream_version DESC LIMIT %(limit)s"
         ).format(t=self._messages, after=after)
         rows = await self._fetch(query, params, conn)

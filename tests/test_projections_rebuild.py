@@ -150,7 +150,7 @@ async def test_an_older_version_is_rebuilt_and_a_newer_one_refused(
         await conn.execute("DELETE FROM rm_inbox.messages")  # what "version 0" looked like
     assert await run_projections(pool, [INBOX], once=True) == {"inbox": "caught-up"}
     (status,) = await projection_status(pool, [INBOX])
-    assert (status.version, status.rebuilt_at is not None) == (1, True)
+    assert (status.version, status.rebuilt_at is not None) == (INBOX.version, True)
     await assert_live_equals_fresh(pool)
 
     async with pool.connection() as conn:
@@ -228,7 +228,7 @@ async def test_the_command_line(database_url: str, pool: AsyncConnectionPool[Any
     await load(pool, 2000, seed=5)
     status = convstore(database_url, "projections", "status")
     assert status.returncode == 0, status.stderr
-    assert "inbox (code version 1)" in status.stdout and "not built" in status.stdout
+    assert f"inbox (code version {INBOX.version})" in status.stdout and "not built" in status.stdout
 
     once = convstore(database_url, "project", "--once")
     assert once.returncode == 0, once.stderr
@@ -236,13 +236,17 @@ async def test_the_command_line(database_url: str, pool: AsyncConnectionPool[Any
 
     rebuilt = convstore(database_url, "projections", "rebuild", "inbox", "--batch-size", "100")
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert rebuilt.stdout.startswith("rebuilt inbox (version 1): ")
+    assert rebuilt.stdout.startswith(f"rebuilt inbox (version {INBOX.version}): ")
     assert "rebuild inbox: " in rebuilt.stderr and "events/s" in rebuilt.stderr
     assert "\r" not in rebuilt.stderr  # not a terminal: plain lines
 
     status = convstore(database_url, "projections", "status")
     assert status.returncode == 0, status.stderr
-    for expected in ("inbox (version 1)", "state:       stopped", "behind:      0 events"):
+    for expected in (
+        f"inbox (version {INBOX.version})",
+        "state:       stopped",
+        "behind:      0 events",
+    ):
         assert expected in status.stdout
     assert "rebuilt:" in status.stdout and "last error:  none" in status.stdout
 

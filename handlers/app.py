@@ -199,6 +199,7 @@ async def metrics(request: web.Request) -> web.Response:
     stats = app[SERVICE].stats
     m.conflicts_retried.set(stats.conflicts_retried)
     m.duplicates_dropped.set(stats.duplicates_dropped)
+    await m.delivery.refresh(app[POOL])
     return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
 
 

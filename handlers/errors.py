@@ -14,6 +14,7 @@ from conversations.errors import (
     ConversationNotFound,
     InvalidCommand,
     InvalidTransition,
+    MessagingWindowClosed,
     RetriesExhausted,
 )
 from eventstore.errors import (
@@ -73,6 +74,14 @@ def response_for(exc: BaseException) -> web.Response | None:
         return None
     if isinstance(exc, InvalidCommand):
         return error_response(400, "invalid_field", str(exc), field=exc.field)
+    if isinstance(exc, MessagingWindowClosed):
+        return error_response(
+            422,
+            "messaging_window_closed",
+            str(exc),
+            last_customer_message_at=exc.last_customer_message_at,
+            permitted_tags=list(exc.permitted_tags),
+        )
     if isinstance(exc, InvalidQuery):
         return error_response(400, "invalid_query", str(exc))
     if isinstance(exc, ReadModelMissing):

@@ -5,9 +5,11 @@ delivery: every ``entry[]`` is routed by its ``id`` (the page or Instagram accou
 registered connection, and the request must be signed (``X-Hub-Signature-256``) with the app
 secret of a connection it routes to; entries of connections whose secret did not verify are not
 processed. Inbound messages are stored with ``receive_inbound`` (idempotent by ``mid``), echoes
-with ``record_echo`` as outbound messages; read and delivery receipts are counted and accepted
-(the store has no receipt events). The delivery's items are applied one by one in timestamp
-order, and the answer is 200 only after every stored event is committed.
+with ``record_echo`` as outbound messages (the echo of one of our own replies, recognised by the
+``metadata`` the delivery daemon set, confirms that reply instead); read and delivery receipts
+are counted and accepted (the store has no receipt events). The delivery's items are applied
+one by one in timestamp order, and the answer is 200 only after every stored event is
+committed.
 
 An entry id no connection is registered for is logged, counted and skipped, and the request
 still gets 200 so Meta does not disable the webhook.
@@ -102,6 +104,8 @@ class MetaMessage(msgspec.Struct, frozen=True):
     quick_reply: QuickReply | None = None
     reply_to: ReplyTo | None = None
     is_echo: bool = False
+    #: set by the sender of an echoed message; ours names the reply (delivery confirmation)
+    metadata: Annotated[str, msgspec.Meta(max_length=1000, pattern=NO_NUL)] | None = None
 
 
 class Read(msgspec.Struct, frozen=True):
@@ -317,7 +321,7 @@ async def receive(request: web.Request) -> web.Response:
         connection = known[entry.id]
         kind = await _apply(service, connection, entry, item)
         items_counter.labels("meta", kind).inc()
-        if kind in ("message", "echo"):
+        if kind in ("message", "echo", "reply_confirmed"):
             summary.stored += 1
         elif kind == "duplicate":
             summary.duplicates += 1
@@ -371,6 +375,7 @@ async def _apply(
                 text=message.text,
                 sent_at=sent_at,
                 attachments=attachments,
+                metadata=message.metadata,
             )
             if echo is None:
                 log.info(
@@ -378,7 +383,10 @@ async def _apply(
                     connection.name,
                 )
                 return "echo_without_conversation"
-            return "duplicate" if echo.duplicate else "echo"
+            if echo.duplicate:
+                return "duplicate"
+            # The echo of one of our replies is its delivery confirmation, not a message.
+            return "echo" if echo.confirmed_reply is None else "reply_confirmed"
         inbound = InboundMessage(
             provider_message_id=message.mid,
             sent_at=sent_at,

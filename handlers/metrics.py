@@ -2,9 +2,91 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["Metrics"]
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from projections.delivery import LATENCY_BUCKETS, bucket_name
+
+__all__ = ["DeliveryCollector", "Metrics"]
+
+
+class DeliveryCollector:
+    """Reply delivery totals of every delivery daemon, read from ``rm_delivery`` per scrape.
+
+    The daemon runs in its own processes; its ``delivery`` projection keeps the totals in the
+    database (exactly once, rebuilt with it), so any ``serve`` process reports them.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.pending = 0.0
+
+    async def refresh(self, pool: AsyncConnectionPool[Any]) -> None:
+        """Read the totals (zeros while no daemon has run: no ``rm_delivery`` yet)."""
+        try:
+            async with pool.connection() as conn:
+                rows = await (
+                    await conn.execute("SELECT name, value FROM rm_delivery.stats")
+                ).fetchall()
+                row = await (
+                    await conn.execute("SELECT count(*) FROM rm_delivery.outbox")
+                ).fetchone()
+        except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+            self.values, self.pending = {}, 0.0
+            return
+        except (psycopg.Error, PoolTimeout):
+            return  # the database is away: keep the last totals, the scrape still answers
+        self.values = {str(name): float(value) for name, value in rows}
+        self.pending = float(row[0]) if row else 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, from the last :meth:`refresh`."""
+        values = self.values
+        replies = CounterMetricFamily(
+            "convstore_delivery_replies",
+            "Agent replies queued, delivered (or confirmed by an echo) and failed",
+            labels=["outcome"],
+        )
+        for outcome in ("queued", "delivered", "failed"):
+            replies.add_metric([outcome], values.get(outcome, 0.0))
+        yield replies
+        attempts = CounterMetricFamily(
+            "convstore_delivery_attempts",
+            "Provider calls begun, and those that failed and will be retried",
+            labels=["result"],
+        )
+        attempts.add_metric(["begun"], values.get("attempts", 0.0))
+        attempts.add_metric(["retried"], values.get("attempt_failures", 0.0))
+        yield attempts
+        yield CounterMetricFamily(
+            "convstore_delivery_echo_confirmations",
+            "Replies confirmed by the provider's echo of our send",
+            value=values.get("confirmed", 0.0),
+        )
+        yield GaugeMetricFamily(
+            "convstore_delivery_pending",
+            "Replies neither delivered nor failed yet",
+            value=self.pending,
+        )
+        buckets = [(f"{bound:g}", values.get(bucket_name(bound), 0.0)) for bound in LATENCY_BUCKETS]
+        buckets.append(("+Inf", values.get("delivered", 0.0)))
+        yield HistogramMetricFamily(
+            "convstore_delivery_latency_seconds",
+            "Time from a reply being queued to its delivery",
+            buckets=buckets,
+            sum_value=values.get("latency_sum_us", 0.0) / 1_000_000,
+        )
 
 
 class Metrics:
@@ -53,6 +135,8 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.delivery = DeliveryCollector()
+        self.registry.register(self.delivery)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -124,7 +124,8 @@ async def post_message(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    """The guest's own messages, oldest first, across its conversations on this widget."""
+    """The guest's own messages and the replies delivered to it, oldest first, across its
+    conversations on this widget (a reply shows once ``convstore deliver`` delivered it)."""
     connection = await _widget_connection(request)
     guest_id = _guest(request, connection)
     store = request.app[STORE]
@@ -138,7 +139,12 @@ async def history(request: web.Request) -> web.Response:
         ).fetchall()
     items = []
     for (stream_id,) in rows:
-        for event in await store.read_stream(stream_id):
+        events = await store.read_stream(stream_id)
+        # An agent reply reaches the guest when the delivery daemon delivers it.
+        delivered = {
+            e.data.message_id for e in events if e.type in ("ReplyDelivered", "ReplyConfirmed")
+        }
+        for event in events:
             data = event.data
             if event.type == "MessageReceived":
                 items.append(
@@ -149,7 +155,9 @@ async def history(request: web.Request) -> web.Response:
                         "sent_at": data.sent_at,
                     }
                 )
-            elif event.type == "MessageSent":
+            elif event.type == "MessageSent" and (
+                data.source != "agent" or data.message_id in delivered
+            ):
                 items.append(
                     {
                         "message_id": data.message_id,

@@ -80,6 +80,7 @@ SECRET_CHECKS: tuple[Callable[..., Any], ...] = (
     widget._guest,  # the guest token's MAC
     app.require_api_token,  # the agent API's bearer token
 )
+_NOT_SERVED = {"fakeprovider.py"}
 _SECRETISH = re.compile(r"secret|token|signature|digest|password|(^|_)mac($|_)", re.IGNORECASE)
 #: Comparisons that name a secret but leak nothing an attacker does not know (source, reason).
 _HARMLESS = {
@@ -100,7 +101,9 @@ def test_secret_checks_use_compare_digest() -> None:
 def test_no_secret_is_compared_with_equality() -> None:
     """No ``==``, ``!=``, ``in`` or ``startswith`` on anything named like a secret or token."""
     found = []
-    for path in sorted((ROOT / "handlers").glob("*.py")) + [ROOT / "conversations/connections.py"]:
+    paths = sorted((ROOT / "handlers").glob("*.py")) + [ROOT / "conversations/connections.py"]
+    # the fake Meta/Telegram APIs the delivery tests call are not part of convstore's server
+    for path in [p for p in paths if p.name not in _NOT_SERVED]:
         for node in ast.walk(ast.parse(path.read_text())):
             suspect: ast.AST | None = None
             if isinstance(node, ast.Compare) and any(

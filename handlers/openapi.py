@@ -44,7 +44,8 @@ class Error(msgspec.Struct, frozen=True):
     ``missing_header``, ``invalid_request`` (400); ``unauthorized`` (401); ``forbidden``
     (403); ``not_found``, ``not_projected`` (404); ``version_conflict``, ``invalid_state``,
     ``conflict`` (409); ``body_too_large`` (413); ``unsupported_media_type`` (415);
-    ``unavailable``, ``read_model_missing``, ``schema_mismatch`` (503).
+    ``messaging_window_closed`` (422); ``unavailable``, ``read_model_missing``,
+    ``schema_mismatch`` (503).
     """
 
     error: str
@@ -55,6 +56,10 @@ class Error(msgspec.Struct, frozen=True):
     current_version: int | msgspec.UnsetType = msgspec.UNSET
     #: the state that refused the command (``invalid_state``)
     state: str | msgspec.UnsetType = msgspec.UNSET
+    #: when the customer last wrote (``messaging_window_closed``; null: never)
+    last_customer_message_at: dt.datetime | None | msgspec.UnsetType = msgspec.UNSET
+    #: the message tags that would let the reply through (``messaging_window_closed``)
+    permitted_tags: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -234,6 +239,8 @@ _ERRORS: Final = {
     409: "The command conflicts with the conversation's state or version.",
     413: "The body is larger than 1 MiB.",
     415: "The body is not sent as application/json.",
+    422: "Meta's messaging window is closed: the customer last wrote too long ago for a reply"
+    " without one of permitted_tags.",
     503: "PostgreSQL is unavailable or its schema or read model is not ready; retry later.",
 }
 
@@ -597,7 +604,7 @@ def _paths() -> dict[str, Any]:
                 "reply",
                 "An agent's reply, stored once per Idempotency-Key",
                 "agent",
-                command_ok | command_errors,
+                command_ok | command_errors | _errors(422),
                 parameters=(*command_params, "IdempotencyKey"),
                 body=_body("ReplyBody"),
                 security=_AGENT,

@@ -132,6 +132,17 @@ CRAFTED_CURSORS = (
 )
 
 
+def _meta_delivery(psid: str, mid: str, millis: int) -> bytes:
+    """A Messenger delivery of one customer message to the page ``p1``."""
+    item = {
+        "timestamp": millis,
+        "sender": {"id": psid},
+        "recipient": {"id": "p1"},
+        "message": {"mid": mid, "text": "hi"},
+    }
+    return json.dumps({"object": "page", "entry": [{"id": "p1", "messaging": [item]}]}).encode()
+
+
 async def _world(http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]) -> World:
     from projections import PROJECTIONS, catch_up
 
@@ -170,7 +181,28 @@ async def _world(http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]) -> 
         headers=AUTH,
     )
     assert snoozed.status == 200
+    # A Messenger conversation whose customer last wrote in 2023: Meta's window is closed.
+    await add_connection(
+        pool,
+        "page",
+        channel="messenger",
+        external_id="p1",
+        app_secret="app-secret",
+        verify_token="vt",
+    )
+    old = _meta_delivery("psid-old", "mid-old", 1_700_000_000_000)
+    delivered = await http.post(
+        "/webhooks/meta",
+        data=old,
+        headers={
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": signature_header("app-secret", old),
+        },
+    )
+    assert delivered.status == 200
     await catch_up(pool, list(PROJECTIONS.values()))
+    page = await (await http.get("/api/connections/page/inbox", headers=AUTH)).json()
+    world.conversations += [c["conversation_id"] for c in page["items"]]
     for url, query in (
         ("/api/connections/site/inbox", {"status": "all", "limit": "1"}),
         (f"/api/conversations/{first}/messages", {"limit": "1"}),
@@ -461,24 +493,7 @@ async def _good_requests(world: World, http: TestClient[Any, Any]) -> list[Good]
     contact, other = world.contacts[:2]
     # the lobby guest's: its conversation is not one the commands below act on
     guest = {"Authorization": f"Bearer {world.guests[3].token}"}
-    meta = json.dumps(
-        {
-            "object": "page",
-            "entry": [
-                {
-                    "id": "p1",
-                    "messaging": [
-                        {
-                            "timestamp": 1_700_000_000_000,
-                            "sender": {"id": "psid-1"},
-                            "recipient": {"id": "p1"},
-                            "message": {"mid": "mid-1", "text": "hi"},
-                        }
-                    ],
-                }
-            ],
-        }
-    ).encode()
+    meta = _meta_delivery("psid-1", "mid-1", 1_700_000_000_000)
     update = {
         "update_id": 1,
         "message": {
@@ -572,14 +587,6 @@ async def test_good_requests_get_their_documented_2xx(
     http: TestClient[Any, Any], pool: AsyncConnectionPool[Any], world: World
 ) -> None:
     """One known-good request per operation, webhooks included: a 2xx, as documented."""
-    await add_connection(
-        pool,
-        "page",
-        channel="messenger",
-        external_id="p1",
-        app_secret="app-secret",
-        verify_token="vt",
-    )
     goods = await _good_requests(world, http)
     assert {(g.path, g.method) for g in goods} == set(_operations("/"))
     for good in goods:
@@ -587,6 +594,20 @@ async def test_good_requests_get_their_documented_2xx(
         answer = await _send(http, call)
         assert 200 <= answer.status < 300, f"{call!r}: {answer.status} {answer.body!r}"
         check(good.path, good.method, call, answer)
+
+
+async def test_a_reply_outside_metas_window_is_a_documented_422(
+    http: TestClient[Any, Any], world: World
+) -> None:
+    path, method = "/api/conversations/{id}/messages", "post"
+    messenger = world.conversations[-1]
+    for tag in (None, "HUMAN_AGENT", "NO_SUCH_TAG"):
+        body = {"text": "late", **({"tag": tag} if tag else {})}
+        good = Good(path, method, {"id": messenger}, headers={"Idempotency-Key": "k"}, body=body)
+        call = good.call()
+        answer = await _send(http, call)
+        assert answer.status == (400 if tag == "NO_SUCH_TAG" else 422), answer.body
+        check(path, method, call, answer)
 
 
 #: What replaces one value at a time: every nasty string, and JSON values of every type.

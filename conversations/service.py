@@ -19,7 +19,6 @@ from typing import Any, Final, TypeVar
 import msgspec
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from eventstore import (
@@ -168,13 +167,46 @@ _RETRYABLE_CONSTRAINTS: Final = frozenset(
 )
 
 
+_FILLED_BY_SQL: Final = uuid.UUID(int=0)
+_ENCODE = msgspec.json.Encoder().encode
+
+
 class _Retry(Exception):
     """Internal: the attempt lost a race; roll back and start again."""
 
 
-class _NeedsTransaction(Exception):
-    """Internal: an autocommit attempt found it must write several rows; redo in a transaction."""
-
+# The common delivery, a message to the key's open conversation, in one statement and one round
+# trip: find the conversation, move its stream one version on (the same per-stream row and
+# exact-version check as EventStore.append), insert the event with the conversation id and
+# provider filled in. No row back means "not that simple" (a new key, a closed or
+# snoozed-until-reply conversation, a redelivery, a race lost): the general path decides.
+_APPEND_TO_OPEN = """
+WITH target AS (
+    SELECT r.conversation_id, r.stream_id, s.version, c.channel, k.contact_id
+    FROM stream_reservations r
+    JOIN connections c ON c.name = r.connection
+    JOIN conversations v ON v.conversation_id = r.conversation_id
+    JOIN streams s ON s.stream_id = r.stream_id
+    LEFT JOIN contact_keys k ON k.connection = r.connection AND k.psid = r.psid
+    WHERE r.connection = %(connection)s AND r.psid = %(psid)s
+      AND (v.status = 'open' OR (v.status = 'snoozed' AND NOT v.snooze_until_reply))
+      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = %(event_id)s)
+),
+bumped AS (
+    UPDATE streams s SET version = s.version + 1, updated_at = now()
+    FROM target t
+    WHERE s.stream_id = t.stream_id AND s.version = t.version AND s.state = 'active'
+    RETURNING s.stream_id, s.version, t.conversation_id, t.channel, t.contact_id
+)
+INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+SELECT %(event_id)s, b.stream_id, b.version, 'conversation', 'MessageReceived',
+       %(data)s::jsonb || jsonb_build_object(
+           'conversation_id', b.conversation_id,
+           'provider', COALESCE(%(provider)s::text, b.channel)),
+       %(metadata)s::jsonb
+FROM bumped b
+RETURNING (SELECT conversation_id FROM bumped), (SELECT contact_id FROM bumped)
+"""
 
 _LOOKUP_INBOUND = """
 SELECT
@@ -221,32 +253,16 @@ class ConversationService:
     # ------------------------------------------------------------------ plumbing
 
     async def _retrying(
-        self,
-        command: str,
-        attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
-        *,
-        try_without_transaction: bool = False,
+        self, command: str, attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
     ) -> _T:
-        """Run ``attempt`` in a transaction until it does not lose a race.
-
-        With ``try_without_transaction`` the first attempt runs in autocommit: an attempt whose
-        only write is one version-checked statement needs no BEGIN/COMMIT round trips, and
-        raises :class:`_NeedsTransaction` when it finds it must write more than that.
-        """
-        in_transaction = not try_without_transaction
+        """Run ``attempt`` in a transaction until it does not lose a race."""
         for n in range(_ATTEMPTS):
             try:
                 async with self.pool.connection() as conn:
-                    if in_transaction:
-                        async with conn.transaction():
-                            result = await attempt(conn)
-                    else:
+                    async with conn.transaction():
                         result = await attempt(conn)
                 self.store.wake_subscribers()
                 return result
-            except _NeedsTransaction:
-                in_transaction = True
-                continue
             except (_Retry, WrongExpectedVersion, DuplicateEvent):
                 pass
             except pg_errors.UniqueViolation as exc:
@@ -256,7 +272,6 @@ class ConversationService:
                 pass
             except psycopg.Error as exc:
                 raise_translated(exc)
-            in_transaction = True
             self.stats.conflicts_retried += 1
             await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
         raise RetriesExhausted(command, _ATTEMPTS)
@@ -298,11 +313,54 @@ class ConversationService:
             message.provider_message_id,
         )
         meta = dict(metadata or {})
+        fast = await self._append_to_open(connection, psid, message, message_id, meta)
+        if fast is not None:
+            return fast
         return await self._retrying(
             "receive_inbound",
             lambda conn: self._inbound(conn, connection, psid, message, message_id, meta),
-            try_without_transaction=True,
         )
+
+    async def _append_to_open(
+        self,
+        connection: str,
+        psid: str,
+        message: InboundMessage,
+        message_id: uuid.UUID,
+        metadata: dict[str, Any],
+    ) -> InboundResult | None:
+        """The one-statement path for a message to an open conversation (``None``: not taken)."""
+        payload = MessageReceived(
+            conversation_id=_FILLED_BY_SQL,
+            message_id=message_id,
+            provider=message.provider or "",
+            provider_message_id=message.provider_message_id,
+            text=message.text,
+            sent_at=message.sent_at,
+            received_at=_now(),
+            attachments=message.attachments,
+            reply_to=message.reply_to,
+            quick_reply=message.quick_reply,
+        )
+        params = {
+            "connection": connection,
+            "psid": psid,
+            "event_id": message_id,
+            "data": _ENCODE(payload).decode(),
+            "provider": message.provider,
+            "metadata": _ENCODE(metadata).decode(),
+        }
+        try:
+            async with self.pool.connection() as conn:
+                row = await self._one(conn, _APPEND_TO_OPEN, params)
+        except pg_errors.UniqueViolation:
+            return None  # a concurrent redelivery won: the general path reports the duplicate
+        except psycopg.Error as exc:
+            raise_translated(exc)
+        if row is None:
+            return None
+        self.store.wake_subscribers()
+        return InboundResult(row[0], message_id, row[1])
 
     async def _inbound(
         self,
@@ -360,14 +418,6 @@ class ConversationService:
             )
             return self._event(payload, event_id=message_id, **metadata)
 
-        # The common case, a message to an open conversation, is one version-checked append
-        # and may run in autocommit; everything else writes several rows in a transaction.
-        in_transaction = conn.info.transaction_status == TransactionStatus.INTRANS
-        fast = conversation_id is not None and (
-            status == "open" or (status == "snoozed" and not snooze_until_reply)
-        )
-        if not fast and not in_transaction:
-            raise _NeedsTransaction
         if conversation_id is not None and status in ("open", "snoozed"):
             events = [received_in(conversation_id)]
             if status == "snoozed" and snooze_until_reply:
@@ -404,23 +454,25 @@ class ConversationService:
             )
         new_id = uuid7()
         new_stream = conversation_stream(new_id)
-        await conn.execute(
-            "INSERT INTO conversations (conversation_id, stream_id, connection, psid,"
-            " contact_id, status, opened_at) VALUES (%s, %s, %s, %s, %s, 'open', %s)",
-            (new_id, new_stream, connection, psid, contact_id, now),
-        )
+        opened_row = (new_id, new_stream, connection, psid, contact_id, now)
         if conversation_id is None:
             await conn.execute(
-                "INSERT INTO stream_reservations (connection, psid, conversation_id, stream_id)"
+                "WITH opened AS (INSERT INTO conversations (conversation_id, stream_id,"
+                " connection, psid, contact_id, status, opened_at)"
+                " VALUES (%s, %s, %s, %s, %s, 'open', %s))"
+                " INSERT INTO stream_reservations (connection, psid, conversation_id, stream_id)"
                 " VALUES (%s, %s, %s, %s)",
-                (connection, psid, new_id, new_stream),
+                (*opened_row, connection, psid, new_id, new_stream),
             )
         else:
             cur = await conn.execute(
-                "UPDATE stream_reservations SET conversation_id = %s, stream_id = %s,"
+                "WITH opened AS (INSERT INTO conversations (conversation_id, stream_id,"
+                " connection, psid, contact_id, status, opened_at)"
+                " VALUES (%s, %s, %s, %s, %s, 'open', %s))"
+                " UPDATE stream_reservations SET conversation_id = %s, stream_id = %s,"
                 " reserved_at = now() WHERE connection = %s AND psid = %s"
                 " AND conversation_id = %s",
-                (new_id, new_stream, connection, psid, conversation_id),
+                (*opened_row, new_id, new_stream, connection, psid, conversation_id),
             )
             if cur.rowcount != 1:
                 raise _Retry
@@ -441,14 +493,12 @@ class ConversationService:
         metadata: dict[str, Any],
     ) -> uuid.UUID:
         contact_id = uuid7()
-        await conn.execute(
-            "INSERT INTO contacts (contact_id, created_at) VALUES (%s, %s)", (contact_id, now)
-        )
-        # Two first messages of one new key race here: the loser waits on this primary key
+        # Two first messages of one new key race on contact_keys' primary key: the loser waits
         # until the winner commits, then fails and retries into the winner's conversation.
         await conn.execute(
-            "INSERT INTO contact_keys (connection, psid, contact_id) VALUES (%s, %s, %s)",
-            (connection, psid, contact_id),
+            "WITH contact AS (INSERT INTO contacts (contact_id, created_at) VALUES (%s, %s))"
+            " INSERT INTO contact_keys (connection, psid, contact_id) VALUES (%s, %s, %s)",
+            (contact_id, now, connection, psid, contact_id),
         )
         created = self._event(ContactCreated(contact_id, connection, psid, now), **metadata)
         await self.store.append(contact_stream(contact_id), [created], NO_STREAM, connection=conn)

@@ -187,6 +187,10 @@ async def list_connections(pool: AsyncConnectionPool[Any]) -> list[Connection]:
 
 async def get_connection(pool: AsyncConnectionPool[Any], name: str) -> Connection:
     """The connection named ``name``; raise :class:`ConnectionNotFound`."""
+    if not _NAME.match(name):
+        # No registered name can look like this (NUL, '/', over 64 characters...): do not
+        # send it to PostgreSQL, which refuses NUL in text outright.
+        raise ConnectionNotFound(name)
     with translate_errors():
         async with pool.connection() as conn:
             row = await (await conn.execute(_SELECT_ALL + " WHERE name = %s", (name,))).fetchone()

@@ -393,7 +393,7 @@ class InboxQueries:
         after = sql.SQL("")
         if cursor is not None:
             (version,) = _decode_cursor(cursor, "m", 2)
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):
                 raise InvalidQuery(f"not a cursor of this list: {cursor!r}")
             params["version"] = int(version)
             after = sql.SQL("AND stream_version < %(version)s")

@@ -153,3 +153,11 @@ async def test_agent_reads_page_the_inbox_messages_and_contact(
     assert (await http.get(f"/api/conversations/{newest}")).status == 401
     missing = "00000000-0000-0000-0000-000000000000"
     assert (await http.get(f"/api/conversations/{missing}", headers=AUTH)).status == 404
+
+
+async def test_connection_names_that_cannot_exist_are_404_not_500(
+    http: TestClient[Any, Any],
+) -> None:
+    for path in ("/webhooks/telegram/%00", "/widget/%00/guests", "/webhooks/telegram/" + "x" * 80):
+        r = await http.post(path, json={})
+        assert r.status == 404, (path, r.status)

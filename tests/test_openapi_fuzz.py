@@ -742,11 +742,6 @@ async def test_header_values_that_are_not_utf8(http: TestClient[Any, Any], world
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="projections.queries.messages checks a cursor's version with str.isdigit(), which"
-    " passes '²' that int() then refuses (ValueError, a 500): a fix there makes this pass",
-)
 async def test_a_messages_cursor_with_a_digit_that_is_not_ascii(
     http: TestClient[Any, Any], world: World
 ) -> None:

@@ -34,17 +34,18 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _url(args: argparse.Namespace, *, long_running: bool) -> str:
+def _url(args: argparse.Namespace) -> str:
+    """The database, and exit 1 with one line unless its schema is current."""
     data_dir = getattr(args, "data_dir", None)
     url = resolve_database_url(
         getattr(args, "database_url", None),
         data_dir=Path(data_dir) if data_dir else None,
         announce=_err,
     )
-    if long_running:
-        from handlers.cli import require_current_schema
+    # Imported here: handlers.cli imports this module to register the commands.
+    from handlers.cli import require_current_schema
 
-        require_current_schema(url)
+    require_current_schema(url)
     return url
 
 
@@ -78,7 +79,7 @@ async def _with_stop(work: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 def _project(args: argparse.Namespace) -> int:
     _log_to_stderr()
-    url = _url(args, long_running=True)
+    url = _url(args)
     projections = _selected(args.projection)
 
     async def work(stop: asyncio.Event) -> int:
@@ -104,7 +105,7 @@ def _project(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    url = _url(args, long_running=False)
+    url = _url(args)
     projections = _selected(args.projection)
 
     async def work() -> int:
@@ -124,7 +125,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace) -> int:
     _log_to_stderr()
-    url = _url(args, long_running=True)
+    url = _url(args)
     projection = get_projection(args.name)
 
     async def work(stop: asyncio.Event) -> int:

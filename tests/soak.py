@@ -9,8 +9,9 @@ each, across Messenger, Instagram, Telegram and the widget:
 - 10% of deliveries are redelivered (half at once, racing the original; half later);
 - each customer's messages go out of timestamp order, and 30% of new customers open with a
   burst of 3-6 concurrent first messages;
-- an agent closes open conversations throughout (through the agent API), so later messages
-  open new conversations (or reopen, per the connection's policy);
+- an agent closes open conversations throughout (through the agent API), mostly those of
+  customers still writing, so their next messages race the close and then open new
+  conversations (or reopen, per the connection's policy);
 
 while the projector is SIGKILLed and restarted every few seconds, the server is SIGKILLed and
 restarted once, and PostgreSQL is restarted once (``pg_ctl restart -m immediate``: a crash and
@@ -449,6 +450,7 @@ class Soak:
     widget_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     secrets: list[str] = field(default_factory=list)
     done: int = 0
+    active: set[tuple[str, str]] = field(default_factory=set)
 
     def env(self, url: str) -> dict[str, str]:
         """The processes' environment: the soak cluster and the API token."""
@@ -495,6 +497,16 @@ class Soak:
                 accepts=(201,),
             )
             customer.psid, customer.guest_token = guest["guest_id"], guest["token"]
+        key = (connection.name, customer.psid)
+        self.active.add(key)  # the agent closes these first: a close races their next message
+        try:
+            await self._messages(sender, customer, rng, later)
+        finally:
+            self.active.discard(key)
+
+    async def _messages(
+        self, sender: Sender, customer: Customer, rng: random.Random, later: list[Any]
+    ) -> None:
         order = list(range(len(customer.messages)))
         first, rest = order[: customer.burst], order[customer.burst :]
         if rng.random() < 0.5:
@@ -524,7 +536,7 @@ class Soak:
         """An agent closing open conversations, through the agent API, throughout the run."""
         api = {"Authorization": f"Bearer {self.api_token}", "Content-Type": "application/json"}
         while not stop.is_set():
-            await asyncio.sleep(rng.uniform(0.1, 0.4))
+            await asyncio.sleep(rng.uniform(0.05, 0.2))
             name = rng.choice(_CONNECTIONS)[0]
             try:
                 status, page = await sender.request(
@@ -537,7 +549,11 @@ class Soak:
                 continue
             if status != 200 or not page["items"]:
                 continue
-            for row in rng.sample(page["items"], min(len(page["items"]), rng.randint(1, 6))):
+            rows = page["items"]
+            writing = [row for row in rows if (name, row["psid"]) in self.active]
+            if writing and rng.random() < 0.8:
+                rows = writing  # customers still writing: the next message follows the close
+            for row in rng.sample(rows, min(len(rows), rng.randint(1, 6))):
                 self.figures.closes_sent += 1
                 status, _ = await sender.request(
                     "POST",

@@ -330,13 +330,13 @@ def _delivery(customer: Customer, index: int, update_id: int) -> Delivery:
             "timestamp": int(at.timestamp() * 1000),
             "message": {"mid": mid, "text": text},
         }
-        body = _ENC.encode(
-            {
-                "object": "page" if connection.channel == "messenger" else "instagram",
-                "entry": [{"id": connection.external_id, "time": int(time.time() * 1000),
-                           "messaging": [item]}],
-            }
-        )  # fmt: skip
+        entry = {
+            "id": connection.external_id,
+            "time": int(time.time() * 1000),
+            "messaging": [item],
+        }
+        obj = "page" if connection.channel == "messenger" else "instagram"
+        body = _ENC.encode({"object": obj, "entry": [entry]})
         headers = {
             **json_headers,
             "X-Hub-Signature-256": signature_header(connection.app_secret, body),

@@ -525,54 +525,47 @@ class DeliveryDaemon:
             self._later(message_id, 5.0)
 
     async def _attempt(self, providers: Providers, reply: Reply) -> None:
-        decision, checkpoint = await self.ledger.begin(reply)
-        if checkpoint is not None:
-            self._stale[reply.message_id] = checkpoint
-        if isinstance(decision, Settled):
-            self._later(reply.message_id, 1.0)  # the queue has not caught up with the log yet
-            return
-        if isinstance(decision, Wait):
-            self._later(reply.message_id, (decision.until - _now()).total_seconds())
-            return
-        if isinstance(decision, GiveUp):
-            self.stats.failed += 1
-            log.warning(
-                "reply %s on %s failed (%s): %s",
-                reply.message_id,
-                reply.connection.name,
-                decision.reason,
-                decision.error,
-            )
-            return
-        assert isinstance(decision, Attempt)
-        if decision.local:
-            self.stats.delivered += 1
-            return
-        self.stats.attempts += 1
-        result = await providers.send(reply)
-        payload = self._outcome(reply, decision.attempt, result)
-        event = self.ledger.outcome(reply, payload)
-        self._stale[reply.message_id] = await self._record(reply, event)
-        self._log_outcome(reply, decision.attempt, result)
-        if isinstance(payload, ReplyAttemptFailed):
+        """Decide and act until the reply is settled or must wait: after a transient failure
+        the ledger decides again at once (another attempt may already be due, or none may
+        come: then the reply's failure is recorded now, not at the next look)."""
+        while True:
+            decision, checkpoint = await self.ledger.begin(reply)
+            if checkpoint is not None:
+                self._stale[reply.message_id] = checkpoint
+            if isinstance(decision, Settled):
+                self._later(reply.message_id, 1.0)  # the queue has not caught up yet
+                return
+            if isinstance(decision, Wait):
+                self._later(reply.message_id, (decision.until - _now()).total_seconds())
+                return
+            if isinstance(decision, GiveUp):
+                self.stats.failed += 1
+                log.warning(
+                    "reply %s on %s failed (%s): %s",
+                    reply.message_id,
+                    reply.connection.name,
+                    decision.reason,
+                    decision.error,
+                )
+                return
+            assert isinstance(decision, Attempt)
+            if decision.local:
+                self.stats.delivered += 1
+                return
+            # ReplyAttempted is committed: only now may the provider be called.
+            self.stats.attempts += 1
+            result = await providers.send(reply)
+            payload = self._outcome(reply, decision.attempt, result)
+            event = self.ledger.outcome(reply, payload)
+            self._stale[reply.message_id] = await self._record(reply, event)
+            self._log_outcome(reply, decision.attempt, result)
+            if isinstance(payload, ReplyFailed):
+                self.stats.failed += 1
+                return
+            if isinstance(payload, ReplyDelivered):
+                self.stats.delivered += 1
+                return
             self.stats.retried += 1
-            # The ledger decides whether another attempt may come (attempts and the resend
-            # budget) and records the failure at once when none may.
-            await self._attempt_after_failure(reply)
-        elif isinstance(payload, ReplyFailed):
-            self.stats.failed += 1
-        else:
-            self.stats.delivered += 1
-
-    async def _attempt_after_failure(self, reply: Reply) -> None:
-        decision, checkpoint = await self.ledger.begin(reply)
-        if checkpoint is not None:
-            self._stale[reply.message_id] = checkpoint
-        if isinstance(decision, GiveUp):
-            self.stats.failed += 1
-            log.warning("reply %s failed (%s)", reply.message_id, decision.reason)
-        elif isinstance(decision, Wait):
-            self._later(reply.message_id, (decision.until - _now()).total_seconds())
 
     def _outcome(self, reply: Reply, attempt: int, result: SendResult) -> msgspec.Struct:
         now = _now()

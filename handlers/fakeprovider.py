@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import hmac
 import itertools
+import random
 import time
 from typing import Any, Final
 
@@ -63,6 +64,7 @@ class FakeProvider:
         bot_tokens: set[str] | None = None,
         echo_to: str | None = None,
         hang: float = 30.0,
+        latency: float = 0.0,
     ) -> None:
         #: page access token -> (page id, app secret), for Meta sends and their echoes
         self.page_tokens = dict(page_tokens or {})
@@ -70,6 +72,8 @@ class FakeProvider:
         self.bot_tokens = set(bot_tokens or ())
         self.echo_to = echo_to
         self.hang = hang
+        #: each send is answered after a random delay up to this many seconds
+        self.latency = latency
         self.requests: list[Received] = []
         self.echoes_posted = 0
         self._scripts: dict[str, collections.deque[str]] = {}
@@ -213,6 +217,8 @@ class FakeProvider:
     async def _answer(
         self, request: web.Request, outcome: str, body: dict[str, Any]
     ) -> web.StreamResponse:
+        if self.latency > 0:
+            await asyncio.sleep(random.uniform(0, self.latency))
         if outcome == "timeout":
             await asyncio.sleep(self.hang)
         elif outcome == "disconnect":

@@ -44,7 +44,7 @@ from conversations.events import (
 )
 from conversations.service import ConversationService, InboundMessage
 from eventstore import EventStore, RecordedEvent
-from handlers.delivery import DeliveryDaemon, DeliverySettings
+from handlers.delivery import DELIVERY, DeliveryDaemon, DeliverySettings
 from handlers.fakeprovider import FakeProvider
 from handlers.meta import signature_header
 from projections import PROJECTIONS, InboxQueries, build_into, catch_up, compare_read_models
@@ -241,7 +241,7 @@ async def test_every_reply_is_delivered_once_on_each_channel(
     history = await (await http.get("/widget/site/messages", headers=guest_auth)).json()
     assert [m["text"] for m in history["items"]] == ["hi"] + [f"site reply {n}" for n in range(5)]
 
-    await catch_up(pool, [INBOX])
+    await catch_up(pool, [INBOX, DELIVERY])
     page = await (
         await http.get(f"/api/conversations/{conversations['fb']}/messages", headers=AUTH)
     ).json()
@@ -251,7 +251,7 @@ async def test_every_reply_is_delivered_once_on_each_channel(
     assert all(m["provider_message_id"].startswith("m_fake") for m in outbound)
     assert all(m["delivery_attempts"] == 1 and m["delivered_at"] for m in outbound)
     row = await (await http.get(f"/api/conversations/{conversations['fb']}", headers=AUTH)).json()
-    assert (row["last_message_status"], row["failed_replies"]) == ("delivered", 0)
+    assert (row["last_message_status"], row["failed_replies"]) == ("delivered", 0), row
     inbound = [m for m in page["items"] if m["direction"] == "in"]
     assert inbound[0]["delivery_status"] is None
 
@@ -300,7 +300,9 @@ async def test_transient_failures_are_retried_then_delivered(
         provider.script("777", "timeout")  # no answer: may have been sent
         first = await world.reply(fb, "fb after two errors")
         second = await world.reply(tg, "tg after a timeout")
-        async with daemon(pool, settings(provider)):
+        # No backoff: each retry is due at once, decided right after the failure is recorded.
+        at_once = RetryPolicy(max_attempts=4, base_delay=0.0, in_doubt_after=1.0)
+        async with daemon(pool, settings(provider, at_once)):
             await world.wait_settled([first, second])
 
     events = await world.delivery(first)
@@ -316,7 +318,7 @@ async def test_transient_failures_are_retried_then_delivered(
     failed = [e for e in events if isinstance(e, ReplyAttemptFailed)]
     assert [(e.status, e.maybe_sent) for e in failed] == [(500, False), (429, False)]
     assert "Service temporarily unavailable" in failed[0].error
-    assert all(e.retry_at > e.failed_at for e in failed)
+    assert all(e.retry_at >= e.failed_at for e in failed)
     assert provider.sends()[echo_metadata(first)] == 1
 
     events = await world.delivery(second)
@@ -354,7 +356,7 @@ async def test_permanent_failures_stop_at_once_and_show_as_failed(
         assert error in events[1].error
     assert len(provider.requests) == 2
 
-    await catch_up(pool, [INBOX])
+    await catch_up(pool, [INBOX, DELIVERY])
     row = await (await http.get(f"/api/conversations/{fb}", headers=AUTH)).json()
     assert (row["last_message_status"], row["failed_replies"]) == ("failed", 1)
     page = await (await http.get(f"/api/conversations/{fb}/messages", headers=AUTH)).json()
@@ -539,7 +541,7 @@ async def test_echoes_confirm_replies_and_never_become_second_messages(
     sent = [e.data for e in await world.events(cid) if e.type == "MessageSent"]
     assert [m.source for m in sent] == ["agent", "agent", "echo", "echo"]
 
-    await catch_up(pool, [INBOX])
+    await catch_up(pool, [INBOX, DELIVERY])
     page = await (await http.get(f"/api/conversations/{cid}/messages", headers=AUTH)).json()
     statuses = {m["text"]: m["delivery_status"] for m in page["items"]}
     assert statuses["sent and echoed"] == statuses["timed out, echoed"] == "delivered"
@@ -570,7 +572,7 @@ async def test_an_echo_arriving_before_the_daemon_records_delivery(
         "ReplyDelivered",
     ]
     assert isinstance((await world.ledger.begin(reply))[0], Settled)
-    await catch_up(pool, [INBOX])
+    await catch_up(pool, [INBOX, DELIVERY])
     page = await InboxQueries(pool).messages(cid)
     assert [(m.direction, m.delivery_status) for m in page.items] == [
         ("out", "delivered"),
@@ -745,8 +747,6 @@ async def test_a_standby_takes_over_and_the_models_rebuild_equal(
         async with daemon(pool, config):
             await world.wait_settled(second)
     assert max(provider.sends().values()) <= 2
-    from handlers.delivery import DELIVERY
-
     await catch_up(pool, [INBOX, DELIVERY])
     async with pool.connection() as conn:
         for projection, live in ((INBOX, "rm_inbox"), (DELIVERY, "rm_delivery")):

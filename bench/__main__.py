@@ -15,7 +15,12 @@ import psycopg
 from eventstore.database import connect_kwargs, resolve_database_url
 
 from . import paths as _paths  # noqa: F401  (registers every path)
-from .context import BenchContext, create_scratch_database, drop_scratch_database
+from .context import (
+    BenchContext,
+    create_scratch_database,
+    drop_scratch_database,
+    lock_server,
+)
 from .environment import code_revision, machine_info, server_info
 from .explain import CHECK_NAMES, CheckResult, run_explain_checks
 from .harness import PathResult, Timing, run_path
@@ -157,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: no path or check matches {pattern!r} (see --list)", file=sys.stderr)
             return 2
     server_url = resolve_database_url(args.database_url)
-    url = create_scratch_database(server_url, args.database_name)
     command = "python -m bench" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
-    try:
-        run = asyncio.run(_run(args, url, command))
-    finally:
-        if not args.keep_database:
-            drop_scratch_database(server_url, args.database_name)
+    with lock_server(server_url, args.database_name):
+        url = create_scratch_database(server_url, args.database_name)
+        try:
+            run = asyncio.run(_run(args, url, command))
+        finally:
+            if not args.keep_database:
+                drop_scratch_database(server_url, args.database_name)
     md, js = write_results(run, args.output_dir)
     print(f"wrote {md} and {js}", file=sys.stderr)
     if args.strict:

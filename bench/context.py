@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ __all__ = [
     "CostProbe",
     "create_scratch_database",
     "drop_scratch_database",
+    "lock_server",
     "with_dbname",
 ]
 
@@ -63,6 +65,21 @@ def create_scratch_database(server_url: str, name: str) -> str:
     url = with_dbname(server_url, name)
     migrate(url)
     return url
+
+
+def lock_server(server_url: str, name: str) -> psycopg.Connection[Any]:
+    """Hold the server's bench lock for scratch database ``name``; close the result to release.
+
+    Two bench runs on one server would drop each other's scratch database and share the CPU,
+    spoiling both; the second one waits here (a session advisory lock) for the first to end.
+    """
+    conn = psycopg.connect(server_url, autocommit=True)
+    key = zlib.crc32(f"convstore bench {name}".encode())
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+    if not row or not row[0]:
+        print(f"bench: another bench run holds {name} on this server; waiting for it to end")
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    return conn
 
 
 def _proc_cpu_seconds(pid: int) -> float | None:

@@ -27,8 +27,12 @@ __all__ = [
 CATEGORY: Final = "conversation"
 
 
-class MessageReceived(msgspec.Struct, frozen=True, tag=True):
-    """An inbound customer message, shaped like the conversation domain's."""
+class MessageReceived(msgspec.Struct, frozen=True, tag="BenchMessageReceived"):
+    """An inbound customer message, shaped like the conversation domain's.
+
+    Its type name is the bench's own, so it never collides with the domain's events, which
+    other paths (ingest) write into the same log.
+    """
 
     conversation_id: str
     connection: str
@@ -40,7 +44,7 @@ class MessageReceived(msgspec.Struct, frozen=True, tag=True):
     is_echo: bool = False
 
 
-EVENT_TYPE: Final = "MessageReceived"
+EVENT_TYPE: Final = "BenchMessageReceived"
 
 _WORDS = (
     "hello order delivery thanks when will my parcel arrive please help refund size colour "

@@ -15,7 +15,8 @@ from typing import Any, Final
 
 import psycopg
 
-from conversations.connections import ConnectionNotFound, add_connection, get_connection
+from conversations.connections import add_connection, get_connection
+from conversations.errors import ConnectionNotFound
 from conversations.events import CODEC
 from conversations.service import ConversationService, InboundMessage
 from eventstore import EventStore

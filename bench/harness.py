@@ -22,6 +22,9 @@ from .registry import BenchPath, Measurement
 
 __all__ = ["PathResult", "RoundResult", "Timing", "run_path"]
 
+#: Rounds every path runs whatever its time budget, so a median pairs more than one sample.
+_MIN_ROUNDS = 2
+
 
 class Timing(msgspec.Struct, frozen=True):
     """How long the harness runs each path: warm-up and round durations, number of rounds."""
@@ -29,7 +32,7 @@ class Timing(msgspec.Struct, frozen=True):
     warmup_seconds: float
     round_seconds: float
     rounds: int
-    #: No new round starts once a path has spent this long in its rounds (at least one runs),
+    #: No new round starts once a path has spent this long in its rounds (at least two run),
     #: so one slow path cannot blow the run's time budget.
     path_budget_seconds: float
 
@@ -37,7 +40,7 @@ class Timing(msgspec.Struct, frozen=True):
     def for_mode(cls, quick: bool) -> Timing:
         """The ``--quick`` timing (whole bench under a minute) or the full one."""
         if quick:
-            return cls(warmup_seconds=0.3, round_seconds=0.6, rounds=4, path_budget_seconds=6)
+            return cls(warmup_seconds=0.25, round_seconds=0.5, rounds=3, path_budget_seconds=4)
         return cls(warmup_seconds=2.0, round_seconds=2.0, rounds=10, path_budget_seconds=120)
 
 
@@ -97,7 +100,7 @@ async def run_path(ctx: BenchContext, path: BenchPath, timing: Timing) -> PathRe
     rounds: list[RoundResult] = []
     started = time.monotonic()
     for index in range(timing.rounds):
-        if index > 0 and time.monotonic() - started > timing.path_budget_seconds:
+        if index >= _MIN_ROUNDS and time.monotonic() - started > timing.path_budget_seconds:
             print(f"  {path.name}: time budget spent after {index} round(s)", file=sys.stderr)
             break
         if index % 2 == 0:

@@ -8,8 +8,9 @@ holds what does not depend on HTTP:
   ``ReplyDelivered``, ``ReplyAttemptFailed``, ``ReplyFailed``, ``ReplyConfirmed``);
 - :func:`decide`: given that state, the policy and the clock, what to do now: nothing (settled),
   wait, attempt again, or give up;
-- :class:`ReplyLedger`: the decision and its event, taken under the conversation stream's row
-  lock, so two daemons (a network partition, a paused process) cannot both begin attempt *n*;
+- :class:`ReplyLedger`: the decision and its event as one compare-and-set on the conversation
+  stream's version, so two daemons (a network partition, a paused process) cannot both begin
+  attempt *n*;
 - :func:`check_reply`: what the reply command refuses up front (Meta's messaging window, message
   tags, each channel's text limit).
 
@@ -41,11 +42,11 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from eventstore import ANY, Checkpoint, EventStore, NewEvent, uuid7
+from eventstore import ANY, Checkpoint, EventStore, NewEvent, WrongExpectedVersion, uuid7
 from eventstore.errors import translate_errors
 
 from .connections import Connection
-from .errors import InvalidCommand, MessagingWindowClosed
+from .errors import InvalidCommand, MessagingWindowClosed, RetriesExhausted
 from .events import (
     CODEC,
     MessageSent,
@@ -328,37 +329,66 @@ def decide(reply: Reply, state: ReplyState, policy: RetryPolicy, now: dt.datetim
     return Attempt(state.attempts + 1, local=reply.channel == "widget")
 
 
+def _record_of(
+    reply: Reply, state: ReplyState, decision: Decision, at: dt.datetime
+) -> msgspec.Struct | None:
+    """The event that records ``decision``, if it needs one."""
+    if isinstance(decision, Attempt) and decision.local:
+        return ReplyDelivered(reply.conversation_id, reply.message_id, decision.attempt, at)
+    if isinstance(decision, Attempt):
+        return ReplyAttempted(reply.conversation_id, reply.message_id, decision.attempt, at)
+    if isinstance(decision, GiveUp):
+        return ReplyFailed(
+            reply.conversation_id,
+            reply.message_id,
+            state.attempts,
+            at,
+            decision.reason,
+            decision.error,
+            state.last_status,
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- the ledger
 
-_LOAD_REPLY = """
-SELECT e.stream_id, e.stream_version, e.data, v.psid,
+#: How often a decision is taken again after the conversation moved on under it.
+_BEGIN_TRIES: Final = 30
+
+_LOAD_REPLIES = """
+SELECT e.event_id, e.stream_id, e.stream_version, e.data, v.psid,
        c.name, c.channel, c.external_id, c.reopen_policy, c.reopen_window, c.created_at,
        c.app_secret, c.verify_token, c.secret_token, c.access_token, c.bot_token
 FROM events e
 JOIN conversations v ON v.stream_id = e.stream_id
 JOIN connections c ON c.name = v.connection
-WHERE e.event_id = %s AND e.type = 'MessageSent'
+WHERE e.event_id = ANY(%s) AND e.type = 'MessageSent'
 """
 
-_LOCK_STREAM = "SELECT version FROM streams WHERE stream_id = %s FOR UPDATE"
-
-_REPLY_EVENTS = """
-SELECT type, data FROM events
-WHERE stream_id = %(stream)s AND stream_version > %(after)s AND type = ANY(%(types)s)
-  AND data ->> 'message_id' = %(message)s
-ORDER BY stream_version
+# The stream's version and the reply's delivery events, in one statement (one snapshot).
+_REPLY_STATE = """
+SELECT s.version, e.type, e.data FROM streams s
+LEFT JOIN LATERAL (
+    SELECT d.type, d.data, d.stream_version FROM events d
+    WHERE d.stream_id = s.stream_id AND d.stream_version > %(after)s
+      AND d.type = ANY(%(types)s) AND d.data ->> 'message_id' = %(message)s
+) AS e ON true
+WHERE s.stream_id = %(stream)s
+ORDER BY e.stream_version
 """
 
 
-async def _locked_state(
+async def _read_state(
     conn: psycopg.AsyncConnection[Any], stream_id: str, after: int, message_id: uuid.UUID
 ) -> tuple[ReplyState, int]:
-    """The reply's state and its stream's version, with the stream's row locked until commit."""
-    row = await (await conn.execute(_LOCK_STREAM, (stream_id,))).fetchone()
-    if row is None:
-        raise LookupError(f"no stream {stream_id}")
+    """The reply's state and the version of its stream it was read at.
+
+    A decision taken from it is recorded with that version as the expected version, so it is
+    recorded only if nothing was appended to the conversation since (else: read and decide
+    again). Two daemons deciding at once cannot both begin attempt *n*.
+    """
     cur = await conn.execute(
-        _REPLY_EVENTS,
+        _REPLY_STATE,
         {
             "stream": stream_id,
             "after": after,
@@ -366,14 +396,18 @@ async def _locked_state(
             "message": str(message_id),
         },
     )
+    rows = await cur.fetchall()
+    if not rows:
+        raise LookupError(f"no stream {stream_id}")
     state = ReplyState()
-    for type_name, data in await cur.fetchall():
-        state.apply(CODEC.decode(type_name, data))
-    return state, int(row[0])
+    for _, type_name, data in rows:
+        if type_name is not None:
+            state.apply(CODEC.decode(type_name, data))
+    return state, int(rows[0][0])
 
 
 class ReplyLedger:
-    """Reads replies and records their delivery, deciding under the stream's lock."""
+    """Reads replies and records their delivery (each decision a compare-and-set)."""
 
     def __init__(self, store: EventStore, policy: RetryPolicy | None = None) -> None:
         self.store = store
@@ -382,31 +416,36 @@ class ReplyLedger:
 
     async def load(self, message_id: uuid.UUID) -> Reply | None:
         """The reply ``message_id`` with its connection; ``None`` if it is not an agent reply."""
+        return (await self.load_many([message_id])).get(message_id)
+
+    async def load_many(self, message_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Reply]:
+        """The agent replies among ``message_ids``, with their connections, in one query."""
         with translate_errors():
             async with self.pool.connection() as conn:
-                row = await (await conn.execute(_LOAD_REPLY, (message_id,))).fetchone()
-        if row is None:
-            return None
-        sent = CODEC.decode("MessageSent", row[2])
-        if not isinstance(sent, MessageSent) or sent.source != "agent":
-            return None
-        return Reply(
-            message_id=message_id,
-            conversation_id=sent.conversation_id,
-            stream_id=row[0],
-            stream_version=int(row[1]),
-            connection=Connection(*row[4:]),
-            psid=row[3],
-            text=sent.text,
-            tag=sent.tag,
-            queued_at=sent.sent_at,
-        )
+                rows = await (await conn.execute(_LOAD_REPLIES, (list(message_ids),))).fetchall()
+        replies = {}
+        for row in rows:
+            sent = CODEC.decode("MessageSent", row[3])
+            if not isinstance(sent, MessageSent) or sent.source != "agent":
+                continue
+            replies[row[0]] = Reply(
+                message_id=row[0],
+                conversation_id=sent.conversation_id,
+                stream_id=row[1],
+                stream_version=int(row[2]),
+                connection=Connection(*row[5:]),
+                psid=row[4],
+                text=sent.text,
+                tag=sent.tag,
+                queued_at=sent.sent_at,
+            )
+        return replies
 
     async def state(self, reply: Reply) -> ReplyState:
         """The reply's delivery state now (for tests and status output)."""
         with translate_errors():
-            async with self.pool.connection() as conn, conn.transaction():
-                state, _ = await _locked_state(
+            async with self.pool.connection() as conn:
+                state, _ = await _read_state(
                     conn, reply.stream_id, reply.stream_version, reply.message_id
                 )
         return state
@@ -414,48 +453,33 @@ class ReplyLedger:
     async def begin(
         self, reply: Reply, now: dt.datetime | None = None
     ) -> tuple[Decision, Checkpoint | None]:
-        """Decide what to do about ``reply`` and record it, in one transaction.
+        """Decide what to do about ``reply`` and record it, as one compare-and-set.
 
         ``Attempt``: its ``ReplyAttempted`` is committed (or, ``local``, its ``ReplyDelivered``);
-        ``GiveUp``: its ``ReplyFailed`` is. Returns the decision and the checkpoint of the
-        event recorded, if any.
+        ``GiveUp``: its ``ReplyFailed`` is. The event is appended with the stream version the
+        state was read at: if the conversation moved on meanwhile (a customer message, another
+        daemon's decision), the state is read and the decision taken again. Returns the
+        decision and the checkpoint of the event recorded, if any.
         """
-        with translate_errors():
-            async with self.pool.connection() as conn:
-                async with conn.transaction():
-                    state, version = await _locked_state(
+        for _ in range(_BEGIN_TRIES):
+            with translate_errors():
+                async with self.pool.connection() as conn:
+                    state, version = await _read_state(
                         conn, reply.stream_id, reply.stream_version, reply.message_id
                     )
                     at = now or _now()
                     decision = decide(reply, state, self.policy, at)
-                    payload: msgspec.Struct | None = None
-                    if isinstance(decision, Attempt) and decision.local:
-                        payload = ReplyDelivered(
-                            reply.conversation_id, reply.message_id, decision.attempt, at
-                        )
-                    elif isinstance(decision, Attempt):
-                        payload = ReplyAttempted(
-                            reply.conversation_id, reply.message_id, decision.attempt, at
-                        )
-                    elif isinstance(decision, GiveUp):
-                        payload = ReplyFailed(
-                            reply.conversation_id,
-                            reply.message_id,
-                            state.attempts,
-                            at,
-                            decision.reason,
-                            decision.error,
-                            state.last_status,
-                        )
-                    checkpoint = None
-                    if payload is not None:
+                    payload = _record_of(reply, state, decision, at)
+                    if payload is None:
+                        return decision, None
+                    try:
                         result = await self.store.append(
                             reply.stream_id, [CODEC.new_event(payload)], version, connection=conn
                         )
-                        checkpoint = result.checkpoints[-1]
-        if checkpoint is not None:
-            self.store.wake_subscribers()
-        return decision, checkpoint
+                    except WrongExpectedVersion:
+                        continue
+            return decision, result.checkpoints[-1]
+        raise RetriesExhausted("begin a reply's attempt", _BEGIN_TRIES)
 
     def outcome(self, reply: Reply, payload: msgspec.Struct) -> NewEvent:
         """The outcome event of an attempt, built once so a retried append stays idempotent."""
@@ -520,7 +544,7 @@ async def confirm_echo(
     stream_id, after, message_id = target
     conversation_id = uuid.UUID(stream_id.removeprefix("conversation-"))
     assert conversation_stream(conversation_id) == stream_id
-    state, version = await _locked_state(conn, stream_id, after, message_id)
+    state, version = await _read_state(conn, stream_id, after, message_id)
     if state.confirmed:
         return conversation_id, message_id, version, True
     confirmed = ReplyConfirmed(conversation_id, message_id, provider_message_id, confirmed_at)

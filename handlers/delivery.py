@@ -27,7 +27,8 @@ two halves that share one leadership:
    advisory-lock leadership, same standby takeover as every projector), keeps the work queue:
    replies not yet delivered, confirmed or failed, and when each is due;
 2. the sender, which runs only while that runner leads, takes due replies from the queue and,
-   for each, decides and records under the conversation stream's row lock
+   for each, decides from the reply's events and records the decision with the conversation
+   stream's version as the expected version, a compare-and-set
    (:class:`conversations.delivery.ReplyLedger`):
 
    - ``ReplyAttempted`` (attempt *n*) is **committed before** the provider is called;
@@ -36,9 +37,9 @@ two halves that share one leadership:
      jitter, or the provider's ``Retry-After``), or ``ReplyFailed`` at once for a permanent
      error (a 4xx such as an invalid recipient) and after the last attempt.
 
-   The queue is only a hint: the decision is taken from the reply's own events under the lock,
-   so a lagging queue, two daemons that both believe they lead, or a restart cannot begin the
-   same attempt twice.
+   The queue is only a hint: the decision is taken from the reply's own events and recorded
+   only if the stream has not moved since, so a lagging queue, two daemons that both believe
+   they lead, or a restart cannot begin the same attempt twice.
 
 The guarantee
 -------------
@@ -364,16 +365,19 @@ class DeliveryStats(msgspec.Struct):
     failed: int = 0
 
 
+# Due replies, and the queue's checkpoint (to tell which of our own appends it has applied).
 _DUE = """
-SELECT message_id FROM rm_delivery.outbox
-WHERE ((NOT in_flight AND next_attempt_at <= now())
-       OR (in_flight AND next_attempt_at <= now() - make_interval(secs => %(in_doubt)s)))
-  AND NOT (message_id = ANY(%(skip)s))
-ORDER BY next_attempt_at
-LIMIT %(limit)s
+SELECT c.transaction_id, c.position, o.message_id
+FROM rm_delivery.checkpoint AS c
+LEFT JOIN LATERAL (
+    SELECT message_id, next_attempt_at FROM rm_delivery.outbox
+    WHERE ((NOT in_flight AND next_attempt_at <= now())
+           OR (in_flight AND next_attempt_at <= now() - make_interval(secs => %(in_doubt)s)))
+      AND NOT (message_id = ANY(%(skip)s))
+    ORDER BY next_attempt_at
+    LIMIT %(limit)s
+) AS o ON true
 """
-
-_QUEUE_CHECKPOINT = "SELECT transaction_id, position FROM rm_delivery.checkpoint"
 
 
 def _database_trouble(exc: BaseException) -> bool:
@@ -467,8 +471,22 @@ class DeliveryDaemon:
                                 raise
                             await _wait(halt, None, settings.poll_interval)
                             continue
+                        try:
+                            replies = await self.ledger.load_many(due) if due else {}
+                        except Exception as exc:
+                            if not _database_trouble(exc):
+                                raise
+                            await _wait(halt, None, settings.poll_interval)
+                            continue
                         for message_id in due:
-                            task = asyncio.create_task(self._deliver(providers, message_id))
+                            reply = replies.get(message_id)
+                            if reply is None:
+                                log.error(
+                                    "the queue names %s, which is not an agent reply", message_id
+                                )
+                                self._later(message_id, 3600)
+                                continue
+                            task = asyncio.create_task(self._deliver(providers, reply))
                             self._inflight[message_id] = task
                             task.add_done_callback(functools.partial(self._finished, message_id))
                         if len(due) == free:
@@ -488,41 +506,41 @@ class DeliveryDaemon:
         for message_id, until in list(self._not_before.items()):
             if until <= now:
                 del self._not_before[message_id]
+        skip = list({*self._inflight, *self._not_before})
+        stale = dict(self._stale)
         async with self.pool.connection() as conn:
-            row = await (await conn.execute(_QUEUE_CHECKPOINT)).fetchone()
-            applied = Checkpoint(int(row[0]), int(row[1])) if row else Checkpoint(0, 0)
-            for message_id, checkpoint in list(self._stale.items()):
-                if checkpoint <= applied:
-                    del self._stale[message_id]
-            skip = list({*self._inflight, *self._stale, *self._not_before})
             cur = await conn.execute(
                 _DUE,
                 {
                     "in_doubt": self.settings.policy.in_doubt_after,
                     "skip": skip,
-                    "limit": limit,
+                    "limit": limit + len(stale),
                 },
             )
-            return [row[0] for row in await cur.fetchall()]
+            rows = await cur.fetchall()
+        if not rows:
+            return []
+        applied = Checkpoint(int(rows[0][0]), int(rows[0][1]))
+        for message_id, checkpoint in stale.items():
+            if checkpoint <= applied and self._stale.get(message_id) == checkpoint:
+                del self._stale[message_id]
+        # A row the queue shows from before our last append for it waits for the queue.
+        due = [row[2] for row in rows if row[2] is not None and row[2] not in self._stale]
+        return due[:limit]
 
     def _later(self, message_id: uuid.UUID, seconds: float) -> None:
         self._not_before[message_id] = time.monotonic() + max(0.0, seconds)
 
-    async def _deliver(self, providers: Providers, message_id: uuid.UUID) -> None:
+    async def _deliver(self, providers: Providers, reply: Reply) -> None:
         try:
-            reply = await self.ledger.load(message_id)
-            if reply is None:
-                log.error("outbox names %s, which is not an agent reply; skipping", message_id)
-                self._later(message_id, 3600)
-                return
             await self._attempt(providers, reply)
         except Exception as exc:
             if _database_trouble(exc):
-                log.warning("reply %s: database unavailable (%s); later", message_id, exc)
-                self._later(message_id, 1.0)
+                log.warning("reply %s: database unavailable (%s); later", reply.message_id, exc)
+                self._later(reply.message_id, 1.0)
                 return
-            log.exception("reply %s: unexpected error; retrying later", message_id)
-            self._later(message_id, 5.0)
+            log.exception("reply %s: unexpected error; retrying later", reply.message_id)
+            self._later(reply.message_id, 5.0)
 
     async def _attempt(self, providers: Providers, reply: Reply) -> None:
         """Decide and act until the reply is settled or must wait: after a transient failure

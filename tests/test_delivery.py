@@ -718,7 +718,7 @@ def test_the_resend_budget_caps_sends_at_two() -> None:
 async def test_racing_daemons_begin_each_attempt_once(
     pool: AsyncConnectionPool[Any], world: World
 ) -> None:
-    """Two leaders (a partition) deciding at once: the stream lock lets one begin attempt 1."""
+    """Two leaders (a partition) deciding at once: the stream version lets one begin attempt 1."""
     await connections(pool)
     cid = await world.customer("tg", "64")
     message_id = await world.reply(cid, "once")

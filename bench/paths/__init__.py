@@ -5,6 +5,6 @@ A later issue adds a module here (``ingest.py``, ``projector.py``, ``inbox.py``,
 below.
 """
 
-from . import append, ingest, read_all
+from . import append, delivery, ingest, read_all
 
-__all__ = ["append", "read_all", "ingest"]
+__all__ = ["append", "delivery", "read_all", "ingest"]

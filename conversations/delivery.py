@@ -297,7 +297,11 @@ def _missing_token(reply: Reply) -> str | None:
 
 
 def decide(reply: Reply, state: ReplyState, policy: RetryPolicy, now: dt.datetime) -> Decision:
-    """What to do about ``reply`` now (see the module docstring for the resend budget)."""
+    """What to do about ``reply`` now (see the module docstring for the resend budget).
+
+    A reply that may not be attempted again fails at once, not when its retry would be due.
+    The widget has no provider and nothing to send late: its replies never expire.
+    """
     if state.settled:
         return Settled()
     maybe_sent = state.maybe_sent
@@ -307,8 +311,6 @@ def decide(reply: Reply, state: ReplyState, policy: RetryPolicy, now: dt.datetim
         if now < in_doubt:
             return Wait(in_doubt)
         maybe_sent += 1
-    elif state.retry_at is not None and now < state.retry_at:
-        return Wait(state.retry_at)
     if maybe_sent >= MAX_SENDS:
         return GiveUp(
             "uncertain",
@@ -319,14 +321,17 @@ def decide(reply: Reply, state: ReplyState, policy: RetryPolicy, now: dt.datetim
         return GiveUp(
             "exhausted", f"{state.attempts} attempts failed; the last: {state.last_error}"
         )
-    if (now - reply.queued_at).total_seconds() > policy.max_age:
+    if state.open_attempt is None and state.retry_at is not None and now < state.retry_at:
+        return Wait(state.retry_at)
+    local = reply.channel == "widget"
+    if not local and (now - reply.queued_at).total_seconds() > policy.max_age:
         return GiveUp(
             "expired", f"not sent within {policy.max_age:.0f} s of being queued; not sending late"
         )
     missing = _missing_token(reply)
     if missing is not None:
         return GiveUp("unsendable", missing)
-    return Attempt(state.attempts + 1, local=reply.channel == "widget")
+    return Attempt(state.attempts + 1, local=local)
 
 
 def _record_of(

@@ -105,7 +105,7 @@ class MetaMessage(msgspec.Struct, frozen=True):
     reply_to: ReplyTo | None = None
     is_echo: bool = False
     #: set by the sender of an echoed message; ours names the reply (delivery confirmation)
-    metadata: Annotated[str, msgspec.Meta(max_length=1000, pattern=NO_NUL)] | None = None
+    metadata: Str | None = None
 
 
 class Read(msgspec.Struct, frozen=True):

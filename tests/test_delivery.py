@@ -393,11 +393,15 @@ async def test_replies_that_cannot_be_sent_fail_without_a_call(
     message_id = await world.reply(fb, "no token to send it with")
     old = await world.customer("tg", "999")
     expiring = await world.reply(old, "too late")
+    guest = await world.service.guest_sign_up("site")
+    site = await world.customer("site", guest.guest_id)
+    shown_late = await world.reply(site, "the guest reads it whenever")
     policy = RetryPolicy(base_delay=0.05, max_delay=0.2, in_doubt_after=1.0, max_age=0.0)
     async with fake() as provider, daemon(pool, settings(provider, policy)):
-        await world.wait_settled([message_id, expiring])
+        await world.wait_settled([message_id, expiring, shown_late])
     assert (await world.delivery(message_id))[-1].reason == "expired"
     assert (await world.delivery(expiring))[-1].reason == "expired"
+    assert [type(e) for e in await world.delivery(shown_late)] == [ReplyDelivered]  # no expiry
     assert provider.requests == []
 
     later = await world.reply(fb, "still no token")
@@ -406,6 +410,27 @@ async def test_replies_that_cannot_be_sent_fail_without_a_call(
     (failed,) = await world.delivery(later)
     assert failed.reason == "unsendable" and "--access-token" in failed.error
     assert provider.requests == []
+
+    # The page then sent it by other means: its echo confirms it, and it shows as delivered.
+    await catch_up(pool, [INBOX, DELIVERY])
+    assert (await InboxQueries(pool).conversation(fb)).failed_replies == 2  # type: ignore[union-attr]
+    echo = await world.service.record_echo(
+        "fb",
+        "no-token",
+        provider_message_id="m_by_hand",
+        text="still no token",
+        sent_at=dt.datetime.now(dt.UTC),
+        metadata=echo_metadata(later),
+    )
+    assert echo is not None and echo.confirmed_reply == later
+    await catch_up(pool, [INBOX, DELIVERY])
+    row = await InboxQueries(pool).conversation(fb)
+    assert row is not None and (row.failed_replies, row.last_message_status) == (1, "delivered")
+    page = await InboxQueries(pool).messages(fb)
+    assert [(m.text, m.delivery_status, m.provider_message_id) for m in page.items][:2] == [
+        ("still no token", "delivered", "m_by_hand"),
+        ("no token to send it with", "failed", None),
+    ]
 
 
 async def test_tokens_never_reach_events_or_logs(
@@ -704,6 +729,12 @@ def test_the_resend_budget_caps_sends_at_two() -> None:
     # A timeout then a kill: the same.
     timeout = ReplyAttemptFailed(cid, mid, 1, t0, "timeout", t0, None, True)
     assert isinstance(decide(reply, state(one, timeout, two), POLICY, later), GiveUp)
+    # The last attempt failed: the reply fails now, not when a retry would have been due.
+    late = ReplyAttemptFailed(cid, mid, 1, t0, "500", t0 + dt.timedelta(hours=1), 500, False)
+    last = RetryPolicy(max_attempts=1)
+    verdict = decide(reply, state(one, late), last, t0)
+    assert isinstance(verdict, GiveUp) and verdict.reason == "exhausted"
+    assert isinstance(decide(reply, state(one, late), POLICY, t0), Wait)
     # Errors the provider answered do not count against the budget.
     refused = ReplyAttemptFailed(cid, mid, 1, t0, "500", t0, 500, False)
     assert decide(reply, state(one, refused, two), POLICY, later) == Attempt(3)

@@ -33,6 +33,7 @@ reconnects for as long as it takes.
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import logging
 import zlib
@@ -586,14 +587,19 @@ class ProjectionRunner:
         delay = 0.5
         while not stop.is_set():
             lock: psycopg.AsyncConnection[Any] | None = None
+            connected_at: float | None = None
             try:
                 lock = await _connect(self.pool, self._app_name + " standby")
+                connected_at = time.monotonic()
                 if not await self._lead(lock, stop, once):
                     return "busy" if once and not stop.is_set() else "stopped"
                 return await self._serve(lock, stop, once, wake)
             except Exception as exc:
                 if not _unavailable(exc):
                     raise
+                if connected_at is not None and time.monotonic() - connected_at > 30.0:
+                    # A new outage after a good while connected starts the backoff afresh.
+                    delay = 0.5
                 log.warning(
                     "%s: database unavailable (%s); retrying in %.1fs",
                     self.projection.name,

@@ -33,9 +33,9 @@ reconnects for as long as it takes.
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any, Final, Literal, cast

@@ -585,20 +585,30 @@ class EventStore:
         """Catch up from ``after``, then follow new appends for ever (until cancelled).
 
         Woken by NOTIFY on :data:`NOTIFY_CHANNEL`; polls every ``poll_interval`` seconds as a
-        safety net (a notification can arrive before the fence has moved past the new event).
+        safety net. A notification can arrive while an older transaction still holds the fence
+        below the new event: a wake-up that finds nothing is followed by quick re-reads (20 ms,
+        doubling) until the event shows or the poll interval is reached.
         """
         checkpoint = Checkpoint.parse(after) if isinstance(after, str) else (after or START)
         cats = list(categories) if categories is not None else None
         typs = list(types) if types is not None else None
         listener = await self._listener()
+        recheck: float | None = None  # set after a wake-up that found nothing yet
         try:
             while True:
                 batch = await self.read_all(checkpoint, batch_size, categories=cats, types=typs)
                 for event in batch:
                     yield event
                     checkpoint = event.checkpoint
-                if len(batch) < batch_size:
-                    await self._wait(listener, poll_interval)
+                if len(batch) >= batch_size:
+                    continue
+                if batch:
+                    recheck = None
+                timeout = poll_interval if recheck is None else min(recheck, poll_interval)
+                if await self._wait(listener, timeout) or recheck is not None:
+                    recheck = 0.02 if recheck is None else recheck * 2
+                    if recheck >= poll_interval:
+                        recheck = None
         finally:
             await listener.close()
 
@@ -612,10 +622,14 @@ class EventStore:
         return conn
 
     @staticmethod
-    async def _wait(listener: psycopg.AsyncConnection[Any], timeout: float) -> None:
+    async def _wait(listener: psycopg.AsyncConnection[Any], timeout: float) -> bool:
+        """Wait for a notification or the timeout; True when a notification came."""
+        came = False
         with translate_errors():
+            # stop_after=1 ends the generator after one notification: let it finish cleanly.
             async for _ in listener.notifies(timeout=timeout, stop_after=1):
-                pass
+                came = True
+        return came
 
     # ------------------------------------------------------------------ wake-ups
 

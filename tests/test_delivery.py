@@ -771,12 +771,25 @@ async def test_a_standby_takes_over_and_the_models_rebuild_equal(
             provider.script(str(100 + n), *(["error", "ok", "invalid", "timeout"][n % 4],))
         config = settings(provider)
         first = [await world.reply(cid, f"first {i}") for i, cid in enumerate(cids)]
-        async with daemon(pool, config) as leader, daemon(pool, config) as standby:
-            await until(lambda: asyncio.sleep(0, leader.is_leader or standby.is_leader))
+        daemons = [DeliveryDaemon(pool, config) for _ in range(2)]
+        stops = [asyncio.Event() for _ in daemons]
+        tasks = [asyncio.create_task(d.run(stop)) for d, stop in zip(daemons, stops, strict=True)]
+        try:
+            await until(lambda: asyncio.sleep(0, any(d.is_leader for d in daemons)))
             await world.wait_settled(first)
-        second = [await world.reply(cid, f"second {i}") for i, cid in enumerate(cids)]
-        async with daemon(pool, config):
+            # One leads, the other stands by; the leader stops and the standby carries on.
+            leader = next(i for i, d in enumerate(daemons) if d.is_leader)
+            assert not daemons[1 - leader].is_leader
+            stops[leader].set()
+            assert await tasks[leader] == "stopped"
+            second = [await world.reply(cid, f"second {i}") for i, cid in enumerate(cids)]
             await world.wait_settled(second)
+            assert daemons[1 - leader].is_leader
+        finally:
+            for stop in stops:
+                stop.set()
+            await asyncio.gather(*tasks)
+    assert daemons[1 - leader].stats.delivered == 6
     assert max(provider.sends().values()) <= 2
     await catch_up(pool, [INBOX, DELIVERY])
     async with pool.connection() as conn:

@@ -84,6 +84,7 @@ def test_every_readme_command_runs(database_url: str, tmp_path: Path) -> None:
     assert "$(BIN)/convstore demo" in makefile and "$(BIN)/python -m pytest" in makefile
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make demo" in ci
+    assert "$(BIN)/python -m tests.soak" in makefile  # tests/test_soak.py runs that module
 
     (tmp_path / "docs").symlink_to(ROOT / "docs")
     env = {
@@ -108,7 +109,7 @@ def test_every_readme_command_runs(database_url: str, tmp_path: Path) -> None:
             argv = [("127.0.0.1" if a == "0.0.0.0" else a) for a in argv]
             argv[argv.index("--port") + 1] = str(port)
             _run_long(argv, env, tmp_path, f"http://127.0.0.1:{port}/healthz")
-        elif words[1:] == ["project"]:
+        elif words[1:] in (["project"], ["deliver"]):
             _run_long(argv, env, tmp_path, None)
         else:
             done = subprocess.run(

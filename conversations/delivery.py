@@ -22,7 +22,9 @@ the request went out. Such an attempt, and a delivered one, *may have sent* the 
 is only begun while fewer than :data:`MAX_SENDS` attempts may have sent it, so no reply is sent
 more than twice. When the budget is spent the reply fails with reason ``uncertain`` (its error
 says it may have been delivered). Attempts the provider answered with an error (a 5xx, a 429, a
-refused connection) are taken as not sent and only count against ``max_attempts``.
+refused connection) are taken as not sent and only count against ``max_attempts`` (a provider
+that sent the message and still answered an error would see the retry as a new message; on
+Meta, the echo confirms the reply first).
 
 Meta echoes every message a page sends, with the ``metadata`` we set (:func:`echo_metadata`).
 An echo of a reply is recorded as its ``ReplyConfirmed``, never as a second message, and a

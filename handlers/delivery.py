@@ -52,13 +52,16 @@ The guarantee
   after ``in_doubt_after`` seconds, but never beyond a budget of two attempts that may have
   sent it (:data:`conversations.delivery.MAX_SENDS`): a reply is never sent more than twice;
   when the budget is spent it fails with reason ``uncertain`` and says it may have arrived.
-  Errors the provider answered (5xx, 429, refused connections) are taken as not sent.
+  An error the provider answered (a 5xx, a 429) or a connection it refused is taken as not
+  sent: a provider that sends a message and still answers an error would have it repeated by
+  the retry (on Meta its echo, which confirms the reply, stops that).
 - Meta echoes our sends with the ``metadata`` we set: the echo is recorded as the reply's
   ``ReplyConfirmed`` (never a second outbound message), a confirmed reply is never resent, and
   on Messenger and Instagram an attempt in doubt waits for its echo before a resend. Telegram
   has no echo and no idempotency key, so there an attempt in doubt is resent once.
 - A reply still unsent ``max_age`` after it was queued fails as ``expired`` rather than reach
-  the customer out of context (a daemon that was down for days).
+  the customer out of context (a daemon that was down for days); widget replies never expire.
+- A reply that may not be attempted again (attempts or budget spent) fails at once.
 
 Tokens are never logged nor stored in events: provider errors are recorded with every token of
 the connection replaced by ``***``.

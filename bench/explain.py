@@ -3,8 +3,11 @@
 Each query is explained twice: with its parameters bound (the *custom* plan PostgreSQL makes for
 the first executions) and as a prepared statement under ``plan_cache_mode =
 force_generic_plan`` (the *generic* plan it may switch to after five executions, since psycopg
-prepares statements it sees repeatedly). Both must use the expected index, with no Sort node and
-no Seq Scan of a table of at least :data:`BIG_TABLE` rows.
+prepares statements it sees repeatedly). Both must use the expected index and no Seq Scan of a
+table of at least :data:`BIG_TABLE` rows; read_all and head must have no Sort node either (a
+sort there means every page reads the whole rest of the log). read_stream may sort: for a
+stream of a few hundred events PostgreSQL rightly prefers a bitmap scan of the
+(stream_id, stream_version) index and a sort of those rows, which the check reports as a note.
 
 The queries are captured from the store's public methods (a recording stand-in for the pool),
 so the checks follow any change to them.
@@ -61,20 +64,24 @@ def _ordered_values(text: str, params: Any) -> list[Any]:
     return [params[name] for name in order]
 
 
-def _judge(plan: Mapping[str, Any], index: str, sizes: Mapping[str, float]) -> tuple[bool, str]:
+def _judge(
+    plan: Mapping[str, Any], index: str, sizes: Mapping[str, float], forbid_sort: bool
+) -> tuple[bool, str]:
     nodes = list(_nodes(plan))
     problems: list[str] = []
+    notes: list[str] = []
     if not any(node.get("Index Name") == index for node in nodes):
         problems.append(f"does not use {index}")
-    sorts = [n["Node Type"] for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
+    sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
     if sorts:
-        problems.append(f"has a {sorts[0]} node")
+        sort = f"has a {sorts[0]['Node Type']} node (~{sorts[0].get('Plan Rows', '?')} rows)"
+        (problems if forbid_sort else notes).append(sort)
     for node in nodes:
         if node["Node Type"] == "Seq Scan":
             relation = str(node.get("Relation Name"))
             if sizes.get(relation, 0) >= BIG_TABLE:
                 problems.append(f"Seq Scan on {relation} ({sizes[relation]:.0f} rows)")
-    return (not problems, "; ".join(problems) or "ok")
+    return (not problems, "; ".join(problems) or "; ".join(["ok", *notes]))
 
 
 def _plan_json(value: Any) -> Mapping[str, Any]:
@@ -103,6 +110,8 @@ async def _check(
     params: Any,
     index: str,
     sizes: Mapping[str, float],
+    *,
+    forbid_sort: bool = True,
 ) -> list[CheckResult]:
     text = query.as_string(conn)
     results: list[CheckResult] = []
@@ -113,7 +122,7 @@ async def _check(
     assert row is not None
     plan = _plan_json(row[0])
     text_plan = await _text_plan(conn, sql.SQL("EXPLAIN ") + query, params)
-    passed, reason = _judge(plan, index, sizes)
+    passed, reason = _judge(plan, index, sizes, forbid_sort)
     results.append(CheckResult(f"{name}_custom", text, passed, reason, text_plan))
 
     # Generic plan: the statement as psycopg prepares it (it does so for any query run five
@@ -140,7 +149,7 @@ async def _check(
         text_plan = await _text_plan(conn, sql.SQL("EXPLAIN ") + execute, None)
     finally:
         await conn.execute("RESET plan_cache_mode")
-    passed, reason = _judge(plan, index, sizes)
+    passed, reason = _judge(plan, index, sizes, forbid_sort)
     results.append(CheckResult(f"{name}_generic", text, passed, reason, text_plan))
     return results
 
@@ -231,6 +240,7 @@ async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
                 params,
                 "events_stream_version_key",
                 sizes,
+                forbid_sort=False,
             )
         return results
     finally:

@@ -53,8 +53,11 @@ def path_line(result: PathResult) -> str:
 
 
 def check_line(check: CheckResult) -> str:
-    """``name PASS`` or ``name FAIL: reason``."""
-    return f"{check.name} PASS" if check.passed else f"{check.name} FAIL: {check.reason}"
+    """``name PASS`` (with any note) or ``name FAIL: reason``."""
+    if not check.passed:
+        return f"{check.name} FAIL: {check.reason}"
+    note = check.reason.removeprefix("ok").removeprefix("; ")
+    return f"{check.name} PASS" + (f" ({note})" if note else "")
 
 
 def _detail(details: dict[str, float], key: str) -> str:
@@ -130,7 +133,7 @@ def _markdown(run: RunResult) -> str:
     if not run.checks:
         lines.append("Not run (`--only` selected no check).")
     for c in run.checks:
-        lines.append(f"- **{c.name}**: {'PASS' if c.passed else 'FAIL: ' + c.reason}")
+        lines.append(f"- **{c.name}**: {check_line(c).removeprefix(c.name + ' ')}")
     for c in run.checks:
         if c.plan:
             lines += ["", f"`{c.name}`:", "", "```", c.plan, "```"]

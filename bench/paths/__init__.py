@@ -9,8 +9,8 @@ earlier paths scan keeps its size.
 
 # isort: off
 from . import append, delivery, ingest, read_all
-from . import projector
+from . import projector, inbox
 
 # isort: on
 
-__all__ = ["append", "delivery", "read_all", "ingest", "projector"]
+__all__ = ["append", "delivery", "read_all", "ingest", "projector", "inbox"]

@@ -9,8 +9,8 @@ earlier paths scan keeps its size.
 
 # isort: off
 from . import append, delivery, ingest, read_all
-from . import projector, inbox, replay
+from . import projector, inbox, replay, webhook
 
 # isort: on
 
-__all__ = ["append", "delivery", "read_all", "ingest", "projector", "inbox", "replay"]
+__all__ = ["append", "delivery", "read_all", "ingest", "projector", "inbox", "replay", "webhook"]

@@ -72,11 +72,13 @@ _JSON = msgspec.json.Encoder()
 # Each variant moves the stream row to its new version and inserts the events in one statement.
 # The CTE yields no row when the expected version does not hold, so the INSERT then selects
 # nothing and takes no sequence value: the check happens before any position is allocated.
+# The arrays are bound in binary (%b): psycopg's text array dumper escapes every quote of the
+# JSON with a regex, which was 85% of a 100-event append's client CPU (profiled).
 _INSERT_EVENTS: LiteralString = """
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
 SELECT e.event_id, %(stream_id)s, bumped.base + e.ord, %(category)s, e.type, e.data, e.metadata
 FROM bumped,
-     unnest(%(event_ids)s::uuid[], %(types)s::text[], %(data)s::jsonb[], %(metadata)s::jsonb[])
+     unnest(%(event_ids)b::uuid[], %(types)b::text[], %(data)b::jsonb[], %(metadata)b::jsonb[])
         WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
 ORDER BY e.ord
 RETURNING position, transaction_id::text::bigint, stream_version

@@ -42,8 +42,8 @@ _STATE_KEY: Final = "synthetic_traffic"
 
 
 def synthetic_size(ctx: BenchContext) -> int:
-    """Events of synthetic traffic the run loads: 1,000,000 (20,000 under ``--quick``)."""
-    return int(ctx.scale(20_000, 1_000_000))
+    """Events of synthetic traffic the run loads: 1,000,000 (10,000 under ``--quick``)."""
+    return int(ctx.scale(10_000, 1_000_000))
 
 
 async def ensure_synthetic(ctx: BenchContext) -> tuple[Checkpoint, Checkpoint, int]:
@@ -147,7 +147,7 @@ register(
         name="projector_catchup",
         description=(
             "inbox projector (Applier, batches of 1000, read-ahead, indexes in place) catching"
-            " up over synthetic conversation traffic (1M events; 20k under --quick);"
+            " up over synthetic conversation traffic (1M events; 10k under --quick);"
             " goal: at least 50,000 events/s"
         ),
         run=catch_up,

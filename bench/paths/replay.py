@@ -1,7 +1,7 @@
 """``convstore replay`` to JSON Lines over 1M events, against the raw log read rate.
 
 Setup makes the log hold the synthetic traffic of :mod:`bench.paths.projector` (1M events;
-20k under ``--quick``) and measures the export's peak memory: it runs
+10k under ``--quick``) and measures the export's peak memory: it runs
 ``python -m handlers.cli replay --after CHECKPOINT --out FILE`` in a subprocess
 (``DATABASE_URL`` pointing at the scratch database) over those events, and again over their
 last tenth, and reads each child's maximum resident set size from ``wait4``. The goal is flat
@@ -118,7 +118,7 @@ register(
     BenchPath(
         name="replay_jsonl",
         description=(
-            "handlers.export.export (convstore replay) of the synthetic traffic (1M events; 20k"
+            "handlers.export.export (convstore replay) of the synthetic traffic (1M events; 10k"
             " under --quick) as JSON Lines to /dev/null; peak RSS of `python -m handlers.cli"
             " replay --out FILE` over those events and over their last tenth in details;"
             " goal: flat memory under 200 MiB"

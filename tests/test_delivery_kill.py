@@ -8,7 +8,9 @@ Meta sends are echoed back to the real webhook, as Meta does. At the end:
 - every reply ended delivered (or confirmed) or failed: none lost;
 - the provider received no reply more than twice (counted at the provider);
 - no echo became a message: every echo of ours confirmed its reply;
-- the inbox shows each reply once, delivered or failed.
+- the inbox shows each reply once, delivered or failed, and each conversation's failed marker
+  and last status agree with its messages;
+- the daemons' queue and totals, built by processes killed mid-batch, equal a fresh build.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from conversations.service import ConversationService, InboundMessage
 from eventstore import EventStore
 from handlers.delivery import DELIVERY
 from handlers.fakeprovider import FakeProvider
-from projections import PROJECTIONS, catch_up
+from projections import PROJECTIONS, build_into, catch_up, compare_read_models
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLIES = 1000
@@ -221,6 +223,26 @@ async def test_sigkilled_daemon_loses_nothing_and_sends_nothing_three_times(
             ).fetchall()
         )
         pending = await (await conn.execute("SELECT count(*) FROM rm_delivery.outbox")).fetchone()
+        # Each conversation row agrees with its messages: the failed marker and last status.
+        disagree = await (
+            await conn.execute(
+                "SELECT c.conversation_id, c.last_message_status, m.delivery_status,"
+                " c.failed_replies, f.n FROM rm_inbox.conversations c"
+                " JOIN rm_inbox.messages m ON m.message_id = c.last_message_id"
+                " CROSS JOIN LATERAL (SELECT count(*) AS n FROM rm_inbox.messages x"
+                "  WHERE x.conversation_id = c.conversation_id"
+                "  AND x.delivery_status = 'failed') AS f"
+                " WHERE c.last_message_status IS DISTINCT FROM m.delivery_status"
+                " OR c.failed_replies <> f.n"
+            )
+        ).fetchall()
+    assert disagree == []
+    # The queue and its totals, built by daemons killed mid-batch, equal a fresh build.
+    await build_into(pool, DELIVERY, "fresh", replace=True)
+    async with pool.connection() as conn:
+        assert set(
+            (await compare_read_models(conn, DELIVERY, "rm_delivery", "fresh")).values()
+        ) == {(0, 0)}
     assert sum(statuses.values()) == REPLIES
     assert set(statuses) <= {"delivered", "failed"}
     assert statuses.get("failed", 0) == failed

@@ -82,23 +82,42 @@ class Checkpoint(msgspec.Struct, frozen=True, order=True):
 START: Final = Checkpoint(0, 0)
 
 
-class RecordedEvent(msgspec.Struct, frozen=True):
-    """An event as stored: where it sits in the log and in its stream, and its decoded data."""
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
+    """An event as stored: where it sits in the log and in its stream, and its decoded data.
+
+    Reading the log builds one of these per event, so it holds only what a row gives:
+    ``checkpoint`` is derived from ``transaction_id`` and ``position``, and the metadata stays
+    JSON (``metadata_json``) until ``metadata`` is read (profiled: decoding every event's
+    metadata and building a Checkpoint each cost more than the rest of the record).
+    """
 
     position: int
-    checkpoint: Checkpoint
+    transaction_id: int
     event_id: uuid.UUID
     stream_id: str
     stream_version: int
     type: str
     data: Any
-    metadata: dict[str, Any]
+    metadata_json: bytes
     recorded_at: dt.datetime
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """Where this event sits in the global log: (transaction id, position)."""
+        return Checkpoint(self.transaction_id, self.position)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The event's metadata (decoded on each access)."""
+        return _METADATA.decode(self.metadata_json)
 
     @property
     def category(self) -> str:
         """The stream's category: the part of its name before the first ``-``."""
         return category_of(self.stream_id)
+
+
+_METADATA = msgspec.json.Decoder(dict[str, Any])
 
 
 class AppendResult(msgspec.Struct, frozen=True):

@@ -664,13 +664,13 @@ class EventStore:
     def _record(self, row: _EventRow) -> RecordedEvent:
         position, tx, event_id, stream_id, version, type_name, data, metadata, recorded_at = row
         return RecordedEvent(
-            position=position,
-            checkpoint=Checkpoint(tx, position),
-            event_id=event_id,
-            stream_id=stream_id,
-            stream_version=version,
-            type=type_name,
-            data=self.codec.decode(type_name, data),
-            metadata=_GENERIC_JSON.decode(metadata),
-            recorded_at=recorded_at,
+            position,
+            tx,
+            event_id,
+            stream_id,
+            version,
+            type_name,
+            self.codec.decode(type_name, data),
+            metadata,
+            recorded_at,
         )

@@ -42,7 +42,7 @@ class ReplayLine(msgspec.Struct, frozen=True):
     version: int
     type: str
     data: msgspec.Raw
-    metadata: dict[str, Any]
+    metadata: msgspec.Raw
     recorded_at: dt.datetime
 
 
@@ -64,7 +64,7 @@ def _line(event: RecordedEvent) -> ReplayLine:
         version=event.stream_version,
         type=event.type,
         data=event.data,
-        metadata=event.metadata,
+        metadata=msgspec.Raw(event.metadata_json),
         recorded_at=event.recorded_at,
     )
 
@@ -105,7 +105,7 @@ async def export(
                         line.type,
                         line.recorded_at.isoformat(),
                         bytes(line.data).decode(),
-                        encoder.encode(line.metadata).decode(),
+                        bytes(line.metadata).decode(),
                     )
                 )
             count += 1

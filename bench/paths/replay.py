@@ -4,8 +4,8 @@ Setup makes the log hold the synthetic traffic of :mod:`bench.paths.projector` (
 10k under ``--quick``) and measures the export's peak memory: it runs
 ``python -m handlers.cli replay --after CHECKPOINT --out FILE`` in a subprocess
 (``DATABASE_URL`` pointing at the scratch database) over those events, and again over their
-last tenth, and reads each child's maximum resident set size from ``wait4``. The goal is flat
-memory, under 200 MiB whatever the length: both peaks go in the details.
+last tenth, and reads the export process's maximum resident set size (``getrusage``). The
+goal is flat memory, under 200 MiB whatever the length: both peaks go in the details.
 
 The path is :func:`handlers.export.export` (what the command runs) in this process over the same
 events (from the checkpoint before them; later paths may add events after them), writing JSON
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import IO, Final, cast
+from typing import IO, Final, LiteralString, cast
 
 from eventstore.replay import ReplayFilter
 from handlers.export import export
@@ -62,21 +62,40 @@ class _Sink(io.RawIOBase):
         return size
 
 
+#: Runs its arguments as a child and prints that child's peak RSS (KiB). The export must not be
+#: a direct child of the bench: Linux carries a process's peak RSS across exec, so a child
+#: spawned by this (large) process would report at least this process's size, not its own.
+_MEASURE: LiteralString = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)
+"""
+
+
 def peak_rss_mib(url: str, *args: str) -> tuple[float, float]:
-    """Run ``python -m handlers.cli replay --out FILE *args`` on ``url``: (peak MiB, seconds)."""
+    """Run ``python -m handlers.cli replay --out FILE *args`` on ``url``: (peak MiB, seconds).
+
+    The peak is the maximum resident set size of the export's process alone, measured by a
+    small intermediate process (see :data:`_MEASURE`).
+    """
     env = dict(os.environ, DATABASE_URL=url)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "replay.jsonl")
         command = [sys.executable, "-m", "handlers.cli", "replay", "--out", out, *args]
         started = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
         elapsed = time.perf_counter() - started
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {child.returncode}")
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}")
     # Linux reports ru_maxrss in KiB.
-    return usage.ru_maxrss / 1024, elapsed
+    return int(done.stdout.split()[-1]) / 1024, elapsed
 
 
 async def _setup(ctx: BenchContext) -> None:

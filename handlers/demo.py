@@ -72,6 +72,10 @@ class DemoReport(msgspec.Struct):
     in_read_model: int = 0
     duplicate_messages: int = -1
     keys_with_two_open: int = -1
+    replies_queued: int = 0
+    replies_delivered: int = 0
+    replies_failed: int = 0
+    most_sends_of_one_reply: int = 0
     passed: bool = False
     seconds: float = 0.0
 
@@ -107,14 +111,19 @@ async def _ensure_connections(pool: AsyncConnectionPool[Any]) -> dict[str, Conne
         try:
             found[name] = await get_connection(pool, name)
         except ConnectionNotFound:
+            meta = spec["channel"] in ("messenger", "instagram")
             found[name] = await add_connection(
                 pool,
                 name,
-                app_secret=secrets.token_hex(16)
-                if spec["channel"] in ("messenger", "instagram")
-                else None,
+                app_secret=secrets.token_hex(16) if meta else None,
                 verify_token=secrets.token_hex(8),
                 secret_token=secrets.token_hex(16),
+                access_token=f"EAA-demo-{secrets.token_hex(12)}" if meta else None,
+                bot_token=(
+                    f"{secrets.randbelow(10**9)}:{secrets.token_hex(12)}"
+                    if spec["channel"] == "telegram"
+                    else None
+                ),
                 **spec,
             )
     return found
@@ -358,6 +367,10 @@ async def run_demo(
             report.requests = driver.requests
             report.accepted = len(driver.accepted)
 
+            # 6. The delivery daemon sends the agents' replies through a fake provider on
+            #    loopback, whose Meta echoes come back to the real webhook as confirmations.
+            await _deliver_replies(pool, connections, base, run_start, report)
+
         _say("demo: projectors catching up")
         await catch_up(pool, list(PROJECTIONS.values()))
         await _print_inbox(pool, connections["demo-messenger"].name)
@@ -434,7 +447,9 @@ async def _agents(
             cid = row["conversation_id"]
             if rng.random() < 0.6:
                 key = uuid.uuid4().hex
-                body = _ENC.encode({"text": rng.choice(_REPLIES)})
+                # A reference per reply, as agents' tools add: it also lets the fake provider
+                # count Telegram sends per reply (it tells them apart by text).
+                body = _ENC.encode({"text": f"{rng.choice(_REPLIES)} (ref {key[:6]})"})
                 headers = {**driver.api, "Idempotency-Key": key}
                 jobs.append(driver.post(f"/api/conversations/{cid}/messages", body, headers))
                 if rng.random() < 0.2:  # a client retry of the same reply: stored once
@@ -531,6 +546,83 @@ async def _contact_of(driver: _Driver, customer: _Customer) -> str:
             raise RuntimeError(f"customer {customer.psid} is not in the inbox")
 
 
+async def _deliver_replies(
+    pool: AsyncConnectionPool[Any],
+    connections: dict[str, Connection],
+    base: str,
+    since: dt.datetime,
+    report: DemoReport,
+) -> None:
+    from .delivery import DeliverySettings, run_delivery
+    from .fakeprovider import FakeProvider
+
+    pages = {
+        c.access_token: (c.external_id, c.app_secret or "")
+        for c in connections.values()
+        if c.access_token and c.channel in ("messenger", "instagram")
+    }
+    bots = {c.bot_token for c in connections.values() if c.bot_token}
+    instagram = {c.external_id for c in connections.values() if c.channel == "instagram"}
+    async with FakeProvider(
+        page_tokens=pages,
+        bot_tokens=bots,
+        echo_to=f"{base}/webhooks/meta",
+        instagram_pages=instagram,
+    ) as provider:
+        settings = DeliverySettings(
+            graph_api_url=provider.graph_url,
+            telegram_api_url=provider.telegram_url,
+            timeout=5.0,
+            poll_interval=0.05,
+            standby_interval=0.2,
+        )
+        stop = asyncio.Event()
+        daemon = asyncio.create_task(run_delivery(pool, settings, stop=stop))
+        try:
+            async with asyncio.timeout(120):
+                while True:
+                    queued, delivered, failed = await _reply_counts(pool, since)
+                    if queued == delivered + failed or daemon.done():
+                        break
+                    await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await daemon
+        sends = provider.sends()
+    report.replies_queued, report.replies_delivered, report.replies_failed = (
+        queued,
+        delivered,
+        failed,
+    )
+    report.most_sends_of_one_reply = max(sends.values(), default=0)
+    _say(
+        f"demo: delivery daemon sent {delivered} of {queued} replies ({failed} failed), "
+        f"{sum(sends.values())} provider calls"
+    )
+
+
+async def _reply_counts(pool: AsyncConnectionPool[Any], since: dt.datetime) -> tuple[int, int, int]:
+    """Replies queued since ``since``, and how many of them are delivered or failed."""
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "WITH replies AS (SELECT data ->> 'message_id' AS id FROM events"
+                " WHERE type = 'MessageSent' AND data ->> 'source' = 'agent'"
+                " AND recorded_at >= %s),"
+                " outcome AS (SELECT DISTINCT ON (data ->> 'message_id') data ->> 'message_id'"
+                " AS id, type FROM events WHERE type IN ('ReplyDelivered', 'ReplyConfirmed',"
+                " 'ReplyFailed') AND recorded_at >= %s"
+                " ORDER BY data ->> 'message_id', (type = 'ReplyFailed'))"
+                " SELECT count(*), count(*) FILTER (WHERE o.type <> 'ReplyFailed'),"
+                " count(*) FILTER (WHERE o.type = 'ReplyFailed')"
+                " FROM replies r LEFT JOIN outcome o ON o.id = r.id",
+                (since, since),
+            )
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 async def _print_inbox(pool: AsyncConnectionPool[Any], connection: str) -> None:
     page = await InboxQueries(pool).inbox(connection, "all", limit=12)
     _say("")
@@ -615,6 +707,13 @@ async def _checks(pool: AsyncConnectionPool[Any], report: DemoReport, since: dt.
             "messages accepted = messages stored = messages in the read model",
             report.accepted == report.stored == report.in_read_model,
             f"{report.accepted} = {report.stored} = {report.in_read_model}",
+        ),
+        (
+            "agent replies queued = delivered + failed, none sent more than twice",
+            report.replies_queued == report.replies_delivered + report.replies_failed
+            and report.most_sends_of_one_reply <= 2,
+            f"{report.replies_queued} = {report.replies_delivered} + {report.replies_failed},"
+            f" at most {report.most_sends_of_one_reply} send(s) per reply",
         ),
     ]
     _say("")

@@ -65,12 +65,15 @@ class FakeProvider:
         echo_to: str | None = None,
         hang: float = 30.0,
         latency: float = 0.0,
+        instagram_pages: set[str] | None = None,
     ) -> None:
         #: page access token -> (page id, app secret), for Meta sends and their echoes
         self.page_tokens = dict(page_tokens or {})
         #: known bot tokens (any token is accepted when empty)
         self.bot_tokens = set(bot_tokens or ())
         self.echo_to = echo_to
+        #: page ids that are Instagram accounts: their echoes come as ``object: instagram``
+        self.instagram_pages = set(instagram_pages or ())
         self.hang = hang
         #: each send is answered after a random delay up to this many seconds
         self.latency = latency
@@ -245,7 +248,7 @@ class FakeProvider:
             message["metadata"] = metadata
         body = msgspec.json.encode(
             {
-                "object": "page",
+                "object": "instagram" if page_id in self.instagram_pages else "page",
                 "entry": [
                     {
                         "id": page_id,

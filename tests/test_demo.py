@@ -24,5 +24,6 @@ def test_demo_runs_and_its_checks_pass_twice(database_url: str) -> None:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         out = done.stdout
         assert "demo: all checks passed" in out
-        assert out.count("  PASS  ") == 3 and "FAIL" not in out
+        assert out.count("  PASS  ") == 4 and "FAIL" not in out
+        assert "delivery daemon sent" in out
         assert "Inbox of demo-messenger" in out and "History of customer" in out

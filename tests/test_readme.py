@@ -83,7 +83,7 @@ def test_every_readme_command_runs(database_url: str, tmp_path: Path) -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "$(BIN)/convstore demo" in makefile and "$(BIN)/python -m pytest" in makefile
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in ci and "make demo" in ci
+    assert "make test" in ci and "make demo" in ci and "make bench-quick" in ci
     assert "$(BIN)/python -m tests.soak" in makefile  # tests/test_soak.py runs that module
 
     (tmp_path / "docs").symlink_to(ROOT / "docs")

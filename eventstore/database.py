@@ -39,6 +39,11 @@ SESSION_SETTINGS: dict[str, str] = {
 }
 
 
+def _data_dir(given: Path | None) -> Path:
+    """The embedded server's data folder: given, else ``CONVSTORE_DATA_DIR``, else the default."""
+    return Path(given or os.environ.get("CONVSTORE_DATA_DIR") or DEFAULT_DATA_DIR).absolute()
+
+
 def embedded_url(
     data_dir: Path | None = None,
     *,
@@ -50,7 +55,7 @@ def embedded_url(
     With ``keep_running`` the server outlives this process, so the next command reuses it;
     otherwise it stops when the last process using it exits (what the test suite wants).
     """
-    data_dir = Path(data_dir or os.environ.get("CONVSTORE_DATA_DIR") or DEFAULT_DATA_DIR).absolute()
+    data_dir = _data_dir(data_dir)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); the fallback it
@@ -67,7 +72,7 @@ def embedded_url(
 
 def stop_embedded(data_dir: Path | None = None) -> bool:
     """Stop the embedded PostgreSQL under ``data_dir`` if it runs; True when one was stopped."""
-    data_dir = Path(data_dir or os.environ.get("CONVSTORE_DATA_DIR") or DEFAULT_DATA_DIR).absolute()
+    data_dir = _data_dir(data_dir)
     if not (data_dir / "postmaster.pid").exists():
         return False
     with warnings.catch_warnings():

@@ -35,6 +35,7 @@ from eventstore import (
     WrongExpectedVersion,
     uuid7,
 )
+from tests.conftest import wait_for_fence
 
 Pool = AsyncConnectionPool[Any]
 Expected = ExpectedVersion | int
@@ -83,23 +84,12 @@ async def max_position(pool: Pool) -> int:
 
 
 async def settled(store: EventStore) -> None:
-    """Wait until the global-log fence has passed every stored event.
+    """Wait until the global-log fence has passed every stored event (see wait_for_fence).
 
-    The fence is cluster-wide: a transaction in another database of the same server (another
-    test run creating its database, say) holds it back for a moment. Tests that assert what
-    ``read_all`` returns wait for it first; tests about the fence itself do not use this.
+    Tests that assert what ``read_all`` returns wait for it first; tests about the fence itself
+    do not use this.
     """
-    async with asyncio.timeout(WAIT):
-        while True:
-            async with store.pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())"
-                    " > coalesce(max(transaction_id), '0'::xid8) FROM events"
-                )
-                row = await cur.fetchone()
-            if row is not None and row[0]:
-                return
-            await asyncio.sleep(0.01)
+    await wait_for_fence(store.pool, WAIT)
 
 
 async def collect(

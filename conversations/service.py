@@ -14,7 +14,7 @@ import datetime as dt
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, LiteralString, NamedTuple, TypeVar
 
 import msgspec
 import psycopg
@@ -27,11 +27,13 @@ from eventstore import (
     EventStore,
     NewEvent,
     WrongExpectedVersion,
+    category_of,
     deterministic_id,
     uuid7,
 )
 from eventstore.errors import raise_translated, translate_errors
 
+from .connections import Channel
 from .delivery import META_CHANNELS, check_reply, confirm_echo, reply_in_metadata
 from .errors import (
     ConnectionNotFound,
@@ -175,53 +177,165 @@ class _Retry(Exception):
     """Internal: the attempt lost a race; roll back and start again."""
 
 
-# The common delivery, a message to the key's open conversation, in one statement and one round
-# trip: find the conversation, move its stream one version on (the same per-stream row and
-# exact-version check as EventStore.append), insert the event with the conversation id and
-# provider filled in. No row back means "not that simple" (a new key, a closed or
-# snoozed-until-reply conversation, a redelivery, a race lost): the general path decides.
-_APPEND_TO_OPEN = """
-WITH target AS (
-    SELECT r.conversation_id, r.stream_id, s.version, c.channel, k.contact_id
-    FROM stream_reservations r
-    JOIN connections c ON c.name = r.connection
-    JOIN conversations v ON v.conversation_id = r.conversation_id
-    JOIN streams s ON s.stream_id = r.stream_id
-    LEFT JOIN contact_keys k ON k.connection = r.connection AND k.psid = r.psid
-    WHERE r.connection = %(connection)s AND r.psid = %(psid)s
-      AND (v.status = 'open' OR (v.status = 'snoozed' AND NOT v.snooze_until_reply))
-      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = %(event_id)s)
+def _raise_unless_retryable(exc: psycopg.Error) -> None:
+    """Return for a lost race (retry from a fresh read); raise our error for anything else."""
+    if isinstance(exc, pg_errors.UniqueViolation):
+        if exc.diag.constraint_name in _RETRYABLE_CONSTRAINTS:
+            return
+        raise_translated(exc)
+    if isinstance(exc, pg_errors.SerializationFailure | pg_errors.DeadlockDetected):
+        return
+    raise_translated(exc)
+
+
+class _Inbound(NamedTuple):
+    """A delivery being received: the key, the message and its deterministic id."""
+
+    connection: str
+    psid: str
+    message: InboundMessage
+    message_id: uuid.UUID
+    metadata: dict[str, Any]
+
+
+class _Found(NamedTuple):
+    """What ``_RECEIVE`` read about a key, in its column order."""
+
+    channel: Channel
+    reopen_policy: str
+    reopen_window: dt.timedelta | None
+    conversation_id: uuid.UUID | None
+    stream_id: str | None
+    status: str | None
+    deleted: bool | None
+    closed_at: dt.datetime | None
+    snoozed_until: dt.datetime | None
+    snooze_until_reply: bool | None
+    version: int | None
+    contact_id: uuid.UUID | None
+    stored_in: str | None
+
+
+# One statement, one round trip, for every delivery: look up the key (the connection, its
+# current conversation and that conversation's stream, the key's contact, and whether the
+# message is already stored) and, when the conversation is open, move its stream one version
+# on (the same per-stream row and exact-version check as EventStore.append) and insert the
+# message with the conversation id and provider filled in. The lookup row always comes back,
+# so when nothing was appended (a new key, a closed or snoozed-until-reply conversation, a
+# redelivery, a lost race) the decision that follows needs no second read.
+_RECEIVE = """
+WITH found AS (
+    SELECT c.channel, c.reopen_policy, c.reopen_window,
+           r.conversation_id, r.stream_id,
+           v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
+           s.version, k.contact_id,
+           (SELECT e.stream_id FROM events e WHERE e.event_id = %(event_id)s) AS stored_in
+    FROM connections c
+    LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
+    LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
+    LEFT JOIN streams s ON s.stream_id = r.stream_id
+    LEFT JOIN contact_keys k ON k.connection = c.name AND k.psid = %(psid)s
+    WHERE c.name = %(connection)s
 ),
 bumped AS (
     UPDATE streams s SET version = s.version + 1, updated_at = now()
-    FROM target t
-    WHERE s.stream_id = t.stream_id AND s.version = t.version AND s.state = 'active'
-    RETURNING s.stream_id, s.version, t.conversation_id, t.channel, t.contact_id
+    FROM found f
+    WHERE s.stream_id = f.stream_id AND s.version = f.version AND s.state = 'active'
+      AND f.stored_in IS NULL
+      AND (f.status = 'open' OR (f.status = 'snoozed' AND NOT f.snooze_until_reply))
+    RETURNING s.stream_id, s.version
+),
+appended AS (
+    INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+    SELECT %(event_id)s, b.stream_id, b.version, 'conversation', 'MessageReceived',
+           %(data)s::jsonb || jsonb_build_object(
+               'conversation_id', f.conversation_id,
+               'provider', COALESCE(%(provider)s::text, f.channel)),
+           %(metadata)s::jsonb
+    FROM bumped b, found f
+    RETURNING 1
 )
-INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
-SELECT %(event_id)s, b.stream_id, b.version, 'conversation', 'MessageReceived',
-       %(data)s::jsonb || jsonb_build_object(
-           'conversation_id', b.conversation_id,
-           'provider', COALESCE(%(provider)s::text, b.channel)),
-       %(metadata)s::jsonb
-FROM bumped b
-RETURNING (SELECT conversation_id FROM bumped), (SELECT contact_id FROM bumped)
+SELECT EXISTS (SELECT FROM appended), f.* FROM found f
 """
 
-_LOOKUP_INBOUND = """
-SELECT
-    (SELECT e.stream_id FROM events e WHERE e.event_id = %(message_id)s),
-    c.channel, c.reopen_policy, c.reopen_window,
-    r.conversation_id, r.stream_id,
-    v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
-    s.version,
-    (SELECT k.contact_id FROM contact_keys k WHERE k.connection = c.name AND k.psid = %(psid)s)
-FROM connections c
-LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
-LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
-LEFT JOIN streams s ON s.stream_id = r.stream_id
-WHERE c.name = %(connection)s
+# Opening a conversation, in one statement (its own transaction): the contact (new, or the
+# key's existing one held FOR SHARE and still the one we read, so a concurrent merge either
+# waits for us or makes us retry), the reservation (inserted for a new key; replaced only if it
+# still names the conversation we read), the conversation row, its stream (and a new contact's
+# stream) and the events in log order. Each step selects from the one before, so when a check
+# fails nothing at all is written and no row comes back; a lost race on a key raises a unique
+# violation instead. Both end in a retry from a fresh read.
+_NEW_CONTACT = """
+WITH contact AS (
+    INSERT INTO contacts (contact_id, created_at) VALUES (%(contact_id)s, %(now)s)
+    RETURNING contact_id
+),
+held AS (
+    INSERT INTO contact_keys (connection, psid, contact_id)
+    SELECT %(connection)s, %(psid)s, contact_id FROM contact
+    RETURNING contact_id
+),
 """
+
+_KNOWN_CONTACT = """
+WITH held AS (
+    SELECT contact_id FROM contact_keys
+    WHERE connection = %(connection)s AND psid = %(psid)s AND contact_id = %(contact_id)s
+    FOR SHARE
+),
+"""
+
+_RESERVE = """
+reserved AS (
+    INSERT INTO stream_reservations (connection, psid, conversation_id, stream_id)
+    SELECT %(connection)s, %(psid)s, %(conversation_id)s, %(stream_id)s FROM held
+    RETURNING conversation_id
+),
+"""
+
+_REPLACE = """
+reserved AS (
+    UPDATE stream_reservations
+    SET conversation_id = %(conversation_id)s, stream_id = %(stream_id)s, reserved_at = now()
+    WHERE connection = %(connection)s AND psid = %(psid)s
+      AND conversation_id = %(previous)s AND EXISTS (SELECT FROM held)
+    RETURNING conversation_id
+),
+"""
+
+_OPEN = """
+opened AS (
+    INSERT INTO conversations (conversation_id, stream_id, connection, psid, contact_id,
+                               status, opened_at)
+    SELECT r.conversation_id, %(stream_id)s, %(connection)s, %(psid)s, h.contact_id,
+           'open', %(now)s
+    FROM reserved r, held h
+    RETURNING conversation_id
+),
+streams_made AS (
+    INSERT INTO streams (stream_id, category, version)
+    SELECT n.stream_id, n.category, n.version
+    FROM opened, unnest(%(stream_ids)s::text[], %(categories)s::text[], %(versions)s::bigint[])
+        AS n(stream_id, category, version)
+)
+INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+SELECT e.event_id, e.stream_id, e.stream_version, e.category, e.type, e.data, e.metadata
+FROM opened,
+     unnest(%(event_ids)s::uuid[], %(event_streams)s::text[], %(event_versions)s::bigint[],
+            %(event_categories)s::text[], %(types)s::text[], %(data)s::jsonb[],
+            %(metadatas)s::jsonb[]) WITH ORDINALITY
+        AS e(event_id, stream_id, stream_version, category, type, data, metadata, ord)
+ORDER BY e.ord
+RETURNING position
+"""
+
+#: (new contact, new reservation) -> the statement that opens a conversation
+_OPEN_CONVERSATION: Final[dict[tuple[bool, bool], LiteralString]] = {
+    (True, True): _NEW_CONTACT + _RESERVE + _OPEN,
+    (True, False): _NEW_CONTACT + _REPLACE + _OPEN,
+    (False, True): _KNOWN_CONTACT + _RESERVE + _OPEN,
+    (False, False): _KNOWN_CONTACT + _REPLACE + _OPEN,
+}
 
 # The newest customer message of a key, over its conversations (Meta's window counts from it).
 _LAST_CUSTOMER_MESSAGE = """
@@ -265,13 +379,8 @@ class ConversationService:
                 return result
             except (_Retry, WrongExpectedVersion, DuplicateEvent):
                 pass
-            except pg_errors.UniqueViolation as exc:
-                if exc.diag.constraint_name not in _RETRYABLE_CONSTRAINTS:
-                    raise_translated(exc)
-            except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
-                pass
             except psycopg.Error as exc:
-                raise_translated(exc)
+                _raise_unless_retryable(exc)
             self.stats.conflicts_retried += 1
             await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
         raise RetriesExhausted(command, _ATTEMPTS)
@@ -312,197 +421,190 @@ class ConversationService:
             "in",
             message.provider_message_id,
         )
-        meta = dict(metadata or {})
-        fast = await self._append_to_open(connection, psid, message, message_id, meta)
-        if fast is not None:
-            return fast
-        return await self._retrying(
-            "receive_inbound",
-            lambda conn: self._inbound(conn, connection, psid, message, message_id, meta),
-        )
+        inbound = _Inbound(connection, psid, message, message_id, dict(metadata or {}))
+        # Round trips are what a delivery costs: a message to an open conversation is one
+        # statement, a first message two (the lookup that would have appended, then the one
+        # that opens the conversation); only rarer cases take a transaction.
+        for n in range(_ATTEMPTS):
+            try:
+                async with self.pool.connection() as conn:
+                    result = await self._receive_once(conn, inbound)
+            except (_Retry, WrongExpectedVersion, DuplicateEvent):
+                pass
+            except psycopg.Error as exc:
+                _raise_unless_retryable(exc)
+            else:
+                if not result.duplicate:
+                    self.store.wake_subscribers()
+                return result
+            self.stats.conflicts_retried += 1
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
+        raise RetriesExhausted("receive_inbound", _ATTEMPTS)
 
-    async def _append_to_open(
-        self,
-        connection: str,
-        psid: str,
-        message: InboundMessage,
-        message_id: uuid.UUID,
-        metadata: dict[str, Any],
-    ) -> InboundResult | None:
-        """The one-statement path for a message to an open conversation (``None``: not taken)."""
+    async def _receive_once(
+        self, conn: psycopg.AsyncConnection[Any], inbound: _Inbound
+    ) -> InboundResult:
+        """One attempt: append to the open conversation, or decide from the same read."""
+        message = inbound.message
+        now = _now()
         payload = MessageReceived(
             conversation_id=_FILLED_BY_SQL,
-            message_id=message_id,
+            message_id=inbound.message_id,
             provider=message.provider or "",
             provider_message_id=message.provider_message_id,
             text=message.text,
             sent_at=message.sent_at,
-            received_at=_now(),
+            received_at=now,
             attachments=message.attachments,
             reply_to=message.reply_to,
             quick_reply=message.quick_reply,
         )
         params = {
-            "connection": connection,
-            "psid": psid,
-            "event_id": message_id,
+            "connection": inbound.connection,
+            "psid": inbound.psid,
+            "event_id": inbound.message_id,
             "data": _ENCODE(payload).decode(),
             "provider": message.provider,
-            "metadata": _ENCODE(metadata).decode(),
+            "metadata": _ENCODE(inbound.metadata).decode(),
         }
-        try:
-            async with self.pool.connection() as conn:
-                row = await self._one(conn, _APPEND_TO_OPEN, params)
-        except pg_errors.UniqueViolation:
-            return None  # a concurrent redelivery won: the general path reports the duplicate
-        except psycopg.Error as exc:
-            raise_translated(exc)
+        row = await self._one(conn, _RECEIVE, params)
         if row is None:
-            return None
-        self.store.wake_subscribers()
-        return InboundResult(row[0], message_id, row[1])
-
-    async def _inbound(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        connection: str,
-        psid: str,
-        message: InboundMessage,
-        message_id: uuid.UUID,
-        metadata: dict[str, Any],
-    ) -> InboundResult:
-        row = await self._one(
-            conn,
-            _LOOKUP_INBOUND,
-            {"message_id": message_id, "psid": psid, "connection": connection},
-        )
-        if row is None:
-            raise ConnectionNotFound(connection)
-        (
-            dup_stream,
-            channel,
-            policy,
-            window,
-            conversation_id,
-            stream_id,
-            status,
-            deleted,
-            closed_at,
-            snoozed_until,
-            snooze_until_reply,
-            version,
-            contact_id,
-        ) = row
-        if dup_stream is not None:
+            raise ConnectionNotFound(inbound.connection)
+        found = _Found(*row[1:])
+        if row[0]:
+            assert found.conversation_id is not None  # appended to it
+            return InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
+        if found.stored_in is not None:
             self.stats.duplicates_dropped += 1
             return InboundResult(
-                conversation_id=uuid.UUID(dup_stream.removeprefix("conversation-")),
-                message_id=message_id,
-                contact_id=contact_id,
+                conversation_id=uuid.UUID(found.stored_in.removeprefix("conversation-")),
+                message_id=inbound.message_id,
+                contact_id=found.contact_id,
                 duplicate=True,
             )
-        now = _now()
-
-        def received_in(cid: uuid.UUID) -> NewEvent:
-            payload = MessageReceived(
-                conversation_id=cid,
-                message_id=message_id,
-                provider=message.provider or channel,
-                provider_message_id=message.provider_message_id,
-                text=message.text,
-                sent_at=message.sent_at,
-                received_at=now,
-                attachments=message.attachments,
-                reply_to=message.reply_to,
-                quick_reply=message.quick_reply,
-            )
-            return self._event(payload, event_id=message_id, **metadata)
-
-        if conversation_id is not None and status in ("open", "snoozed"):
-            events = [received_in(conversation_id)]
-            if status == "snoozed" and snooze_until_reply:
-                unsnooze = ConversationUnsnoozed(conversation_id, "customer", now)
-                events.insert(0, self._event(unsnooze, **metadata))
-                await conn.execute(
-                    "UPDATE conversations SET status = 'open', snoozed_until = NULL,"
-                    " snooze_until_reply = false WHERE conversation_id = %s",
-                    (conversation_id,),
-                )
-            await self.store.append(stream_id, events, version, connection=conn)
-            return InboundResult(conversation_id, message_id, contact_id)
-
+        if found.conversation_id is not None and found.status in ("open", "snoozed"):
+            # Snoozed until the customer's next message (left to us by the first statement),
+            # or the stream moved on since the read (the append's version check then fails).
+            async with conn.transaction():
+                return await self._append_to_current(conn, inbound, found, now)
         if (
-            conversation_id is not None
-            and not deleted
-            and _reopens(policy, window, closed_at, message.sent_at)
+            found.conversation_id is not None
+            and not found.deleted
+            and _reopens(found.reopen_policy, found.reopen_window, found.closed_at, message.sent_at)
         ):
-            reopen = self._event(ConversationReopened(conversation_id, "policy", now), **metadata)
-            await self.store.append(
-                stream_id, [reopen, received_in(conversation_id)], version, connection=conn
-            )
-            await self._set_open(conn, conversation_id)
-            return InboundResult(conversation_id, message_id, contact_id, reopened=True)
-
+            async with conn.transaction():
+                return await self._reopen_for(conn, inbound, found, now)
         # A new conversation: for a new key, or after a close the policy does not reopen.
-        if contact_id is None:
-            contact_id = await self._create_contact(conn, connection, psid, now, metadata)
-        else:
-            # Holds the key's owner steady against a concurrent merge until we commit.
-            await conn.execute(
-                "SELECT 1 FROM contact_keys WHERE connection = %s AND psid = %s FOR SHARE",
-                (connection, psid),
-            )
-        new_id = uuid7()
-        new_stream = conversation_stream(new_id)
-        opened_row = (new_id, new_stream, connection, psid, contact_id, now)
-        if conversation_id is None:
-            await conn.execute(
-                "WITH opened AS (INSERT INTO conversations (conversation_id, stream_id,"
-                " connection, psid, contact_id, status, opened_at)"
-                " VALUES (%s, %s, %s, %s, %s, 'open', %s))"
-                " INSERT INTO stream_reservations (connection, psid, conversation_id, stream_id)"
-                " VALUES (%s, %s, %s, %s)",
-                (*opened_row, connection, psid, new_id, new_stream),
-            )
-        else:
-            cur = await conn.execute(
-                "WITH opened AS (INSERT INTO conversations (conversation_id, stream_id,"
-                " connection, psid, contact_id, status, opened_at)"
-                " VALUES (%s, %s, %s, %s, %s, 'open', %s))"
-                " UPDATE stream_reservations SET conversation_id = %s, stream_id = %s,"
-                " reserved_at = now() WHERE connection = %s AND psid = %s"
-                " AND conversation_id = %s",
-                (*opened_row, new_id, new_stream, connection, psid, conversation_id),
-            )
-            if cur.rowcount != 1:
-                raise _Retry
-        opened = self._event(
-            ConversationOpened(new_id, connection, channel, psid, contact_id, now), **metadata
-        )
-        await self.store.append(
-            new_stream, [opened, received_in(new_id)], NO_STREAM, connection=conn
-        )
-        return InboundResult(new_id, message_id, contact_id, opened=True)
+        return await self._open_for(conn, inbound, found, now)
 
-    async def _create_contact(
+    def _received(
+        self, inbound: _Inbound, found: _Found, conversation_id: uuid.UUID, now: dt.datetime
+    ) -> NewEvent:
+        message = inbound.message
+        payload = MessageReceived(
+            conversation_id=conversation_id,
+            message_id=inbound.message_id,
+            provider=message.provider or found.channel,
+            provider_message_id=message.provider_message_id,
+            text=message.text,
+            sent_at=message.sent_at,
+            received_at=now,
+            attachments=message.attachments,
+            reply_to=message.reply_to,
+            quick_reply=message.quick_reply,
+        )
+        return self._event(payload, event_id=inbound.message_id, **inbound.metadata)
+
+    async def _append_to_current(
         self,
         conn: psycopg.AsyncConnection[Any],
-        connection: str,
-        psid: str,
+        inbound: _Inbound,
+        found: _Found,
         now: dt.datetime,
-        metadata: dict[str, Any],
-    ) -> uuid.UUID:
-        contact_id = uuid7()
-        # Two first messages of one new key race on contact_keys' primary key: the loser waits
-        # until the winner commits, then fails and retries into the winner's conversation.
-        await conn.execute(
-            "WITH contact AS (INSERT INTO contacts (contact_id, created_at) VALUES (%s, %s))"
-            " INSERT INTO contact_keys (connection, psid, contact_id) VALUES (%s, %s, %s)",
-            (contact_id, now, connection, psid, contact_id),
+    ) -> InboundResult:
+        conversation_id = found.conversation_id
+        assert conversation_id is not None and found.stream_id is not None
+        events = [self._received(inbound, found, conversation_id, now)]
+        if found.status == "snoozed" and found.snooze_until_reply:
+            unsnooze = ConversationUnsnoozed(conversation_id, "customer", now)
+            events.insert(0, self._event(unsnooze, **inbound.metadata))
+            await conn.execute(
+                "UPDATE conversations SET status = 'open', snoozed_until = NULL,"
+                " snooze_until_reply = false WHERE conversation_id = %s",
+                (conversation_id,),
+            )
+        await self.store.append(found.stream_id, events, found.version or 0, connection=conn)
+        return InboundResult(conversation_id, inbound.message_id, found.contact_id)
+
+    async def _reopen_for(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        inbound: _Inbound,
+        found: _Found,
+        now: dt.datetime,
+    ) -> InboundResult:
+        conversation_id = found.conversation_id
+        assert conversation_id is not None and found.stream_id is not None
+        reopen = self._event(
+            ConversationReopened(conversation_id, "policy", now), **inbound.metadata
         )
-        created = self._event(ContactCreated(contact_id, connection, psid, now), **metadata)
-        await self.store.append(contact_stream(contact_id), [created], NO_STREAM, connection=conn)
-        return contact_id
+        received = self._received(inbound, found, conversation_id, now)
+        await self.store.append(
+            found.stream_id, [reopen, received], found.version or 0, connection=conn
+        )
+        await self._set_open(conn, conversation_id)
+        return InboundResult(conversation_id, inbound.message_id, found.contact_id, reopened=True)
+
+    async def _open_for(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        inbound: _Inbound,
+        found: _Found,
+        now: dt.datetime,
+    ) -> InboundResult:
+        """Open a conversation for the key in one statement (see ``_OPEN_CONVERSATION``)."""
+        new_contact = found.contact_id is None
+        contact_id = uuid7() if found.contact_id is None else found.contact_id
+        conversation_id = uuid7()
+        stream = conversation_stream(conversation_id)
+        opened = ConversationOpened(
+            conversation_id, inbound.connection, found.channel, inbound.psid, contact_id, now
+        )
+        events = [
+            (stream, 1, self._event(opened, **inbound.metadata)),
+            (stream, 2, self._received(inbound, found, conversation_id, now)),
+        ]
+        streams = [(stream, 2)]
+        if new_contact:
+            created = ContactCreated(contact_id, inbound.connection, inbound.psid, now)
+            events.insert(
+                0, (contact_stream(contact_id), 1, self._event(created, **inbound.metadata))
+            )
+            streams.append((contact_stream(contact_id), 1))
+        params = {
+            "connection": inbound.connection,
+            "psid": inbound.psid,
+            "contact_id": contact_id,
+            "conversation_id": conversation_id,
+            "stream_id": stream,
+            "previous": found.conversation_id,
+            "now": now,
+            "stream_ids": [s for s, _ in streams],
+            "categories": [category_of(s) for s, _ in streams],
+            "versions": [v for _, v in streams],
+            "event_ids": [e.event_id for _, _, e in events],
+            "event_streams": [s for s, _, _ in events],
+            "event_versions": [v for _, v, _ in events],
+            "event_categories": [category_of(s) for s, _, _ in events],
+            "types": [e.type for _, _, e in events],
+            "data": [e.data.decode() for _, _, e in events],
+            "metadatas": [_ENCODE(e.metadata).decode() for _, _, e in events],
+        }
+        query = _OPEN_CONVERSATION[new_contact, found.conversation_id is None]
+        cur = await conn.execute(query, params)
+        if not await cur.fetchall():
+            raise _Retry  # the key's contact or reservation changed since the read
+        return InboundResult(conversation_id, inbound.message_id, contact_id, opened=True)
 
     @staticmethod
     async def _set_open(conn: psycopg.AsyncConnection[Any], conversation_id: uuid.UUID) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from typing import Any, Literal, get_args
 
 import msgspec
@@ -18,6 +19,7 @@ __all__ = [
     "CHANNELS",
     "Channel",
     "Connection",
+    "ConnectionCache",
     "ReopenPolicy",
     "add_connection",
     "find_connection",
@@ -212,3 +214,41 @@ async def find_connection(
                 )
             ).fetchone()
     return _row(row) if row else None
+
+
+class ConnectionCache:
+    """Registered connections by name and by provider id, each kept for ``ttl`` seconds.
+
+    Every webhook delivery needs its connection (to route it and check its signature) before
+    anything is stored; reading it from PostgreSQL each time was a round trip per request.
+    Connections are only ever added, so a found one is reused for ``ttl`` seconds (an edit
+    made by hand in the table shows after at most that long); a miss is not kept, so a
+    connection added a moment ago routes at once.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], ttl: float = 5.0) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self._by_name: dict[str, tuple[float, Connection]] = {}
+        self._by_external: dict[tuple[str, str], tuple[float, Connection]] = {}
+
+    def _keep(self, connection: Connection) -> Connection:
+        expires = time.monotonic() + self.ttl
+        self._by_name[connection.name] = (expires, connection)
+        self._by_external[connection.channel, connection.external_id] = (expires, connection)
+        return connection
+
+    async def get(self, name: str) -> Connection:
+        """:func:`get_connection`, from the cache while fresh."""
+        kept = self._by_name.get(name)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        return self._keep(await get_connection(self.pool, name))
+
+    async def find(self, channel: str, external_id: str) -> Connection | None:
+        """:func:`find_connection`, from the cache while fresh."""
+        kept = self._by_external.get((channel, external_id))
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        found = await find_connection(self.pool, channel, external_id)
+        return None if found is None else self._keep(found)

@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from conversations.connections import ConnectionCache
 from conversations.events import CODEC
 from conversations.service import ConversationService
 from eventstore import EventStore, check_schema
@@ -29,6 +30,7 @@ from .errors import HTTPError, error_response, response_for
 from .metrics import Metrics
 
 __all__ = [
+    "CONNECTIONS",
     "METRICS",
     "POOL",
     "SERVICE",
@@ -74,6 +76,7 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", AsyncConnectionPool)
 STORE = web.AppKey("store", EventStore)
 SERVICE = web.AppKey("service", ConversationService)
+CONNECTIONS = web.AppKey("connections", ConnectionCache)
 METRICS = web.AppKey("metrics", Metrics)
 WIDGET_KEY = web.AppKey("widget_key", bytes)
 
@@ -164,6 +167,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     app[STORE] = store
     app[SERVICE] = ConversationService(store)
+    app[CONNECTIONS] = ConnectionCache(pool)
     try:
         yield
     finally:

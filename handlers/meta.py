@@ -28,11 +28,11 @@ import msgspec
 from aiohttp import web
 from prometheus_client import Counter
 
-from conversations.connections import Connection, find_connection, list_connections
+from conversations.connections import Connection, list_connections
 from conversations.events import Attachment
 from conversations.service import MAX_ID, MAX_TEXT, ConversationService, InboundMessage
 
-from .app import METRICS, POOL, SERVICE, decode_json, json_response
+from .app import CONNECTIONS, METRICS, POOL, SERVICE, decode_json, json_response
 from .errors import HTTPError
 
 __all__ = ["WEBHOOK_ITEMS", "add_routes", "signature_header", "webhook_items"]
@@ -266,7 +266,7 @@ async def receive(request: web.Request) -> web.Response:
     known: dict[str, Connection] = {}
     if channel is not None:
         for entry_id in sorted(entry_ids):
-            connection = await find_connection(app[POOL], channel, entry_id)
+            connection = await app[CONNECTIONS].find(channel, entry_id)
             if connection is not None:
                 known[entry_id] = connection
 

@@ -20,11 +20,11 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from conversations.connections import Connection, get_connection
+from conversations.connections import Connection
 from conversations.events import Attachment
 from conversations.service import MAX_ID, MAX_TEXT, InboundMessage
 
-from .app import METRICS, POOL, SERVICE, decode_json, json_response
+from .app import CONNECTIONS, METRICS, SERVICE, decode_json, json_response
 from .errors import HTTPError
 from .meta import WEBHOOK_ITEMS, webhook_items
 
@@ -143,7 +143,7 @@ def _provider_message_id(message: Message) -> str:
 
 async def _telegram_connection(request: web.Request) -> Connection:
     """The bot in the path, if the request carries its secret token; 404 or 403 otherwise."""
-    connection = await get_connection(request.app[POOL], request.match_info["connection"])
+    connection = await request.app[CONNECTIONS].get(request.match_info["connection"])
     if connection.channel != "telegram":
         raise HTTPError(404, "not_found", f"no telegram connection {connection.name!r}")
     given = request.headers.get(SECRET_HEADER)

@@ -16,11 +16,11 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from conversations.connections import Connection, get_connection
+from conversations.connections import Connection
 from conversations.service import InboundMessage
 
 from .agent import connection_name
-from .app import METRICS, POOL, SERVICE, STORE, WIDGET_KEY, decode_json, json_response
+from .app import CONNECTIONS, METRICS, POOL, SERVICE, STORE, WIDGET_KEY, decode_json, json_response
 from .errors import HTTPError
 
 __all__ = ["add_routes", "guest_token"]
@@ -61,7 +61,7 @@ def _key(request: web.Request, connection: Connection) -> bytes:
 
 
 async def _widget_connection(request: web.Request) -> Connection:
-    connection = await get_connection(request.app[POOL], connection_name(request, "connection"))
+    connection = await request.app[CONNECTIONS].get(connection_name(request, "connection"))
     if connection.channel != "widget":
         raise HTTPError(404, "not_found", f"no widget connection {connection.name!r}")
     return connection

@@ -264,7 +264,8 @@ SELECT EXISTS (SELECT FROM appended), f.* FROM found f
 # still names the conversation we read), the conversation row, its stream (and a new contact's
 # stream) and the events in log order. Each step selects from the one before, so when a check
 # fails nothing at all is written and no row comes back; a lost race on a key raises a unique
-# violation instead. Both end in a retry from a fresh read.
+# violation instead. Both end in a retry from a fresh read. The arrays are bound in binary:
+# psycopg's text array dumper escapes the JSON with a regex (a third of the client's CPU here).
 _NEW_CONTACT = """
 WITH contact AS (
     INSERT INTO contacts (contact_id, created_at) VALUES (%(contact_id)s, %(now)s)
@@ -315,15 +316,15 @@ opened AS (
 streams_made AS (
     INSERT INTO streams (stream_id, category, version)
     SELECT n.stream_id, n.category, n.version
-    FROM opened, unnest(%(stream_ids)s::text[], %(categories)s::text[], %(versions)s::bigint[])
+    FROM opened, unnest(%(stream_ids)b::text[], %(categories)b::text[], %(versions)b::bigint[])
         AS n(stream_id, category, version)
 )
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
 SELECT e.event_id, e.stream_id, e.stream_version, e.category, e.type, e.data, e.metadata
 FROM opened,
-     unnest(%(event_ids)s::uuid[], %(event_streams)s::text[], %(event_versions)s::bigint[],
-            %(event_categories)s::text[], %(types)s::text[], %(data)s::jsonb[],
-            %(metadatas)s::jsonb[]) WITH ORDINALITY
+     unnest(%(event_ids)b::uuid[], %(event_streams)b::text[], %(event_versions)b::bigint[],
+            %(event_categories)b::text[], %(types)b::text[], %(data)b::jsonb[],
+            %(metadatas)b::jsonb[]) WITH ORDINALITY
         AS e(event_id, stream_id, stream_version, category, type, data, metadata, ord)
 ORDER BY e.ord
 RETURNING position

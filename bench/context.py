@@ -8,12 +8,14 @@ its settings, its caches and its WAL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
@@ -157,6 +159,8 @@ class BenchContext:
         #: Data shared between paths (for example a loaded log), by key.
         self.state: dict[str, Any] = {}
         self._pools: dict[int, Pool] = {}
+        self._kept: dict[str, Any] = {}
+        self._stack = contextlib.AsyncExitStack()
         self._workload: Workload | None = None
 
     @property
@@ -182,8 +186,20 @@ class BenchContext:
             self._pools[size] = pool
         return pool
 
+    async def kept(self, key: str, open_: Callable[[], AbstractAsyncContextManager[T]]) -> T:
+        """What ``open_()`` yields, entered on first use and kept until :meth:`release_pools`.
+
+        A long-running resource (a served application and its pool) is measured warm, as it
+        runs in production: the harness's warm-up round starts it and the rounds reuse it.
+        """
+        if key not in self._kept:
+            self._kept[key] = await self._stack.enter_async_context(open_())
+        return cast(T, self._kept[key])
+
     async def release_pools(self) -> None:
-        """Close every pool opened by :meth:`pool`."""
+        """Close every pool opened by :meth:`pool`, and everything :meth:`kept`."""
+        stack, self._stack, self._kept = self._stack, contextlib.AsyncExitStack(), {}
+        await stack.aclose()
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             await pool.close()

@@ -3,14 +3,15 @@
 The path starts the real application (:func:`handlers.app.create_app`, default pool settings)
 on a free loopback port, once per path so that the warm-up round warms it, and posts Messenger
 deliveries to ``/webhooks/meta`` from 32 concurrent clients (one aiohttp session, one message
-per delivery, signed with ``X-Hub-Signature-256`` by the connection's app secret). Each client plays customers: ten
-messages per sender id, then a new one, so one delivery in ten opens a conversation (as in
-``ingest_c8``). Every answer must be a 200.
+per delivery, signed with ``X-Hub-Signature-256`` by the connection's app secret). Each
+client plays customers: ten messages per sender id, then a new one, so one delivery in ten
+opens a conversation (as in ``ingest_c8``). Every answer must be a 200.
 
 The reference is a bare aiohttp application (also kept for the path) on another free
 loopback port whose one route reads the body and INSERTs it into a plain table (one row per
-request, autocommit) on a pool of the application's size, at the same concurrency, same bodies, same client. The figure is
-deliveries per second (p50 and p99 latency in the details); the issue's goal is 0.7x.
+request, autocommit) on a pool of the application's size, at the same concurrency, same
+bodies, same client. The figure is deliveries per second (p50 and p99 latency in the
+details); the issue's goal is 0.7x.
 """
 
 from __future__ import annotations

@@ -186,6 +186,28 @@ class Projection(abc.ABC):
         exception fails the whole batch, and the runner retries it event by event to find the
         culprit."""
 
+    def new_memory(self) -> Any:
+        """A fresh object in which :meth:`apply_with_memory` keeps what it learns of its rows
+        between batches (``None``: the projection keeps nothing).
+
+        The :class:`~projections.runner.Applier` hands the same object to the next batch only
+        while the schema still holds exactly what it committed (the same checkpoint table at
+        the checkpoint its last batch wrote); after any failed batch, a restart, another
+        instance's batch or a rebuild's swap it starts again from a fresh one.
+        """
+        return None
+
+    async def apply_with_memory(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        events: Sequence[RecordedEvent],
+        memory: Any,
+    ) -> None:
+        """:meth:`apply`, with the ``memory`` of the batches before (see :meth:`new_memory`);
+        it may be updated in place, since it is dropped unless this batch commits."""
+        await self.apply(conn, schema, events)
+
     def __repr__(self) -> str:
         return f"<projection {self.name} v{self.version}>"
 

@@ -250,32 +250,9 @@ _DELIVERY_EVENTS: Final = (
 )
 
 
-class _Conversation:
-    """One inbox row being folded; ``counted`` is its (connection, status) in ``counts``."""
-
-    __slots__ = (
-        "channel",
-        "closed_at",
-        "connection",
-        "contact_id",
-        "conversation_id",
-        "counted",
-        "deleted_at",
-        "failed_replies",
-        "inbound_count",
-        "last_activity_at",
-        "last_message_at",
-        "last_message_direction",
-        "last_message_id",
-        "last_message_preview",
-        "last_message_status",
-        "message_count",
-        "opened_at",
-        "psid",
-        "snoozed_until",
-        "status",
-        "unread_count",
-    )
+class _Conversation(msgspec.Struct, gc=False):
+    """One inbox row being folded: the table's columns in order, then ``counted``, its
+    (connection, status) in ``counts`` as stored."""
 
     conversation_id: uuid.UUID
     connection: str
@@ -297,166 +274,158 @@ class _Conversation:
     unread_count: int
     last_message_status: str | None
     failed_replies: int
-    counted: tuple[str, str] | None
+    counted: tuple[str, str] | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> _Conversation:
-        self = cls.__new__(cls)
-        for (name, _), value in zip(_CONVERSATION_COLUMNS, row, strict=True):
-            setattr(self, name, value)
+        self = cls(*row)
         self.counted = self.count_key()
         return self
 
     @classmethod
     def opened(cls, event: ConversationOpened, contact_id: uuid.UUID) -> _Conversation:
-        self = cls.__new__(cls)
-        self.conversation_id = event.conversation_id
-        self.connection = event.connection
-        self.channel = event.channel
-        self.psid = event.psid
-        self.contact_id = contact_id
-        self.status = "open"
-        self.opened_at = event.opened_at
-        self.closed_at = self.snoozed_until = self.deleted_at = None
-        self.last_message_at = self.last_message_id = None
-        self.last_message_preview = self.last_message_direction = None
-        self.last_activity_at = event.opened_at
-        self.message_count = self.inbound_count = self.unread_count = 0
-        self.last_message_status = None
-        self.failed_replies = 0
-        self.counted = None
-        return self
+        return cls(
+            event.conversation_id,
+            event.connection,
+            event.channel,
+            event.psid,
+            contact_id,
+            "open",
+            event.opened_at,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            event.opened_at,
+            0,
+            0,
+            0,
+            None,
+            0,
+        )
 
     def count_key(self) -> tuple[str, str] | None:
         """Where this row counts in ``counts``: nowhere once deleted."""
         return None if self.deleted_at is not None else (self.connection, self.status)
 
-    def row(self) -> tuple[Any, ...]:
-        return (
-            self.conversation_id,
-            self.connection,
-            self.channel,
-            self.psid,
-            self.contact_id,
-            self.status,
-            self.opened_at,
-            self.closed_at,
-            self.snoozed_until,
-            self.deleted_at,
-            self.last_message_at,
-            self.last_message_id,
-            self.last_message_preview,
-            self.last_message_direction,
-            self.last_activity_at,
-            self.message_count,
-            self.inbound_count,
-            self.unread_count,
-            self.last_message_status,
-            self.failed_replies,
-        )
 
+class _Message(msgspec.Struct, gc=False):
+    """One message row: the table's columns in order, then the attachments' types.
 
-class _Delivery:
-    """Where an outbound message stands (the ``delivery_*`` columns and its provider id)."""
+    Rows inserted by a batch, and rows of earlier batches that a read, an edit or a delivery
+    names (loaded, or remembered from the batch that inserted them), are the same kind: the
+    fold changes them in place.
+    """
 
-    __slots__ = ("attempts", "delivered_at", "error", "provider_message_id", "status")
-
-    def __init__(
-        self,
-        status: str | None,
-        attempts: int = 0,
-        error: str | None = None,
-        delivered_at: dt.datetime | None = None,
-        provider_message_id: str | None = None,
-    ) -> None:
-        self.status = status
-        self.attempts = attempts
-        self.error = error
-        self.delivered_at = delivered_at
-        self.provider_message_id = provider_message_id
+    conversation_id: uuid.UUID
+    stream_version: int
+    message_id: uuid.UUID
+    direction: str
+    inbound_number: int
+    text: str | None
+    #: the attachments as JSON, for a row this batch inserts (``None`` in a loaded row)
+    attachments: _RawJsonb | None
+    sent_at: dt.datetime
+    author: str | None
+    provider_message_id: str | None
+    edited_at: dt.datetime | None
+    delivery_status: str | None
+    delivery_attempts: int
+    delivery_error: str | None
+    delivered_at: dt.datetime | None
+    #: what the preview shows of a message without text
+    attachment_types: tuple[str, ...]
 
     @classmethod
-    def of(cls, data: MessageReceived | MessageSent) -> _Delivery:
-        if isinstance(data, MessageReceived):
-            return cls(None, provider_message_id=data.provider_message_id)
-        if data.source == "agent":
-            return cls("queued", provider_message_id=data.provider_message_id)
+    def new(
+        cls, event: RecordedEvent, data: MessageReceived | MessageSent, inbound_number: int
+    ) -> _Message:
+        """The row of a message event; an agent reply starts queued, an echo delivered."""
+        inbound = type(data) is MessageReceived
+        status: str | None = None
+        delivered_at: dt.datetime | None = None
+        if not inbound:
+            if data.source == "agent":  # type: ignore[union-attr]
+                status = "queued"
+            else:
+                status, delivered_at = "delivered", data.sent_at
         return cls(
-            "delivered", delivered_at=data.sent_at, provider_message_id=data.provider_message_id
+            data.conversation_id,
+            event.stream_version,
+            data.message_id,
+            "in" if inbound else "out",
+            inbound_number,
+            data.text,
+            _RawJsonb(_JSON.encode(data.attachments)) if data.attachments else None,
+            data.sent_at,
+            None if inbound else data.author,  # type: ignore[union-attr]
+            data.provider_message_id,
+            None,
+            status,
+            0,
+            None,
+            delivered_at,
+            tuple(a.type for a in data.attachments) if data.attachments else (),
         )
 
-    def apply(self, data: Any) -> None:
+    @classmethod
+    def stored(cls, row: Sequence[Any]) -> _Message:
+        """A row loaded from the table (its attachments decoded to their types only)."""
+        values = list(row)
+        attachments = values[6]
+        values[6] = None
+        values.append(tuple(a.type for a in _STORED_ATTACHMENTS.decode(attachments or b"[]")))
+        return cls(*values)
+
+    def row(self) -> tuple[Any, ...]:
+        """The values of the table's columns."""
+        return msgspec.structs.astuple(self)[:-1]
+
+    def deliver(self, data: Any) -> None:
         """One delivery event; delivered is final (see the module docstring)."""
         kind = type(data)
-        if self.status is None:
+        status = self.delivery_status
+        if status is None:
             return  # not a reply (the fold checks the owner; an echo id is never reused)
         if kind is ReplyDelivered or kind is ReplyConfirmed:
-            if self.status != "delivered":
-                self.status = "delivered"
-                self.error = None
+            if status != "delivered":
+                self.delivery_status = "delivered"
+                self.delivery_error = None
                 self.delivered_at = (
                     data.delivered_at if kind is ReplyDelivered else data.confirmed_at
                 )
             if self.provider_message_id is None:
                 self.provider_message_id = data.provider_message_id
             if kind is ReplyDelivered:
-                self.attempts = max(self.attempts, data.attempt)
-        elif self.status == "delivered":
+                self.delivery_attempts = max(self.delivery_attempts, data.attempt)
+        elif status == "delivered":
             return
         elif kind is ReplyFailed:
-            self.status, self.error = "failed", data.error
-            self.attempts = max(self.attempts, data.attempt)
-        elif self.status == "failed":
+            self.delivery_status, self.delivery_error = "failed", data.error
+            self.delivery_attempts = max(self.delivery_attempts, data.attempt)
+        elif status == "failed":
             return
         elif kind is ReplyAttempted:
-            self.status = "sending"
-            self.attempts = max(self.attempts, data.attempt)
+            self.delivery_status = "sending"
+            self.delivery_attempts = max(self.delivery_attempts, data.attempt)
         elif kind is ReplyAttemptFailed:
-            self.status, self.error = "retrying", data.error
-            self.attempts = max(self.attempts, data.attempt)
-
-    def row(self) -> tuple[Any, ...]:
-        return (self.status, self.attempts, self.error, self.delivered_at, self.provider_message_id)
+            self.delivery_status, self.delivery_error = "retrying", data.error
+            self.delivery_attempts = max(self.delivery_attempts, data.attempt)
 
 
-class _Message:
-    """A message row inserted by this batch (edits and reads may still change or name it)."""
-
-    __slots__ = (
-        "attachment_types",
-        "attachments",
-        "delivery",
-        "edited_at",
-        "event",
-        "inbound_number",
-        "text",
-    )
-
-    def __init__(self, event: RecordedEvent, inbound_number: int) -> None:
-        data: MessageReceived | MessageSent = event.data
-        self.event = event
-        self.inbound_number = inbound_number
-        self.text = data.text
-        self.attachment_types = tuple(a.type for a in data.attachments)
-        self.attachments = _RawJsonb(_JSON.encode(data.attachments)) if data.attachments else None
-        self.edited_at: dt.datetime | None = None
-        self.delivery = _Delivery.of(data)
-
-
-class _Stored(msgspec.Struct, frozen=True):
-    """What a read, an edit or a delivery event needs of a message stored by an earlier batch."""
-
-    conversation_id: uuid.UUID
-    inbound_number: int
-    attachment_types: tuple[str, ...]
-    delivery: _Delivery
-
-
-class _AttachmentType(msgspec.Struct):
+class _AttachmentType(msgspec.Struct, gc=False):
     type: str
 
 
-_ATTACHMENT_TYPES = msgspec.json.Decoder(list[_AttachmentType])
+_STORED_ATTACHMENTS = msgspec.json.Decoder(tuple[_AttachmentType, ...])
+
+if _Conversation.__struct_fields__ != (*(n for n, _ in _CONVERSATION_COLUMNS), "counted"):
+    raise AssertionError("_Conversation's fields must be the conversations columns, in order")
+if _Message.__struct_fields__[:-1] != tuple(n for n, _ in _MESSAGE_COLUMNS):
+    raise AssertionError("_Message's fields must be the messages columns, in order")
 
 
 def preview_of(text: str | None, attachment_types: Sequence[str]) -> str:
@@ -468,91 +437,172 @@ def preview_of(text: str | None, attachment_types: Sequence[str]) -> str:
     return ""
 
 
+class _RawJsonb(bytes):
+    """JSON text already encoded (by msgspec), to be sent as a jsonb value as it is."""
+
+
+class _RawJsonbBinaryDumper(Dumper):
+    """Binary jsonb is a version byte (1) and the JSON text: no re-encoding needed."""
+
+    format = Format.BINARY
+    oid = postgres.types["jsonb"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"\x01" + bytes(obj)
+
+
+_MESSAGE_TYPES: Final = [typ for _, typ in _MESSAGE_COLUMNS]
+
+
+def _sql(template: str, **parts: sql.Composable) -> bytes:
+    """A statement with its identifiers filled in, as the bytes psycopg sends."""
+    return sql.SQL(template).format(**parts).as_bytes(None)
+
+
 def _columns(spec: Iterable[tuple[str, str]]) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(name) for name, _ in spec)
 
 
 def _unnest(spec: Iterable[tuple[str, str]]) -> sql.Composed:
     """``unnest(%b::t1[], %b::t2[], ...)``: one array parameter per column, sent in binary
-    (psycopg dumps a list three times faster in binary than as array text)."""
+    (psycopg dumps a list three times faster in binary than as array text; PostgreSQL reads
+    binary arrays far more cheaply than JSON, measured: json_populate_recordset doubled the
+    server's time per event)."""
     return sql.SQL("unnest({})").format(
         sql.SQL(", ").join(sql.SQL("%b::{}[]").format(sql.SQL(typ)) for _, typ in spec)
     )
 
 
 class _Statements:
-    """The statements of one schema, composed once and reused for every batch."""
+    """The statements of one schema, composed once and kept as bytes (psycopg would compose
+    them again at every execution)."""
 
     def __init__(self, schema: str) -> None:
         conversations = sql.Identifier(schema, "conversations")
         messages = sql.Identifier(schema, "messages")
         counts = sql.Identifier(schema, "counts")
         merges = sql.Identifier(schema, "contact_merges")
-        self.load_conversations = sql.SQL(
-            "SELECT {cols} FROM {t} WHERE conversation_id = ANY(%b::uuid[])"
-        ).format(cols=_columns(_CONVERSATION_COLUMNS), t=conversations)
-        self.load_messages = sql.SQL(
-            "SELECT message_id, conversation_id, inbound_number, attachments, delivery_status,"
-            " delivery_attempts, delivery_error, delivered_at, provider_message_id FROM {t}"
-            " WHERE message_id = ANY(%b::uuid[])"
-        ).format(t=messages)
-        self.deliver_messages = sql.SQL(
-            "UPDATE {t} AS m SET delivery_status = u.status, delivery_attempts = u.attempts,"
+        conversation_columns = _columns(_CONVERSATION_COLUMNS)
+        message_columns = _columns(_MESSAGE_COLUMNS)
+        self.load_conversations = _sql(
+            "SELECT {cols} FROM {t} WHERE conversation_id = ANY(%b::uuid[])",
+            cols=conversation_columns,
+            t=conversations,
+        )
+        self.load_messages = _sql(
+            "SELECT {cols} FROM {t} WHERE message_id = ANY(%b::uuid[])",
+            cols=message_columns,
+            t=messages,
+        )
+        self.load_merges = _sql(
+            "SELECT from_contact_id, into_contact_id FROM {t}"
+            " WHERE from_contact_id = ANY(%b::uuid[])",
+            t=merges,
+        )
+        # COPY: several times cheaper than INSERT, for this process and for the server.
+        self.copy_messages = _sql(
+            "COPY {t} ({cols}) FROM STDIN (FORMAT BINARY)", t=messages, cols=message_columns
+        )
+        self.update_messages = _sql(
+            "UPDATE {t} AS m SET text = u.text, edited_at = u.edited_at,"
+            " delivery_status = u.status, delivery_attempts = u.attempts,"
             " delivery_error = u.error, delivered_at = u.delivered_at,"
             " provider_message_id = u.provider_message_id"
-            " FROM unnest(%b::uuid[], %b::text[], %b::integer[], %b::text[], %b::timestamptz[],"
-            " %b::text[]) AS u(message_id, status, attempts, error, delivered_at,"
-            " provider_message_id) WHERE m.message_id = u.message_id"
-        ).format(t=messages)
-        self.load_merges = sql.SQL(
-            "SELECT from_contact_id, into_contact_id FROM {t}"
-            " WHERE from_contact_id = ANY(%b::uuid[])"
-        ).format(t=merges)
+            " FROM unnest(%b::uuid[], %b::text[], %b::timestamptz[], %b::text[], %b::integer[],"
+            " %b::text[], %b::timestamptz[], %b::text[]) AS u(message_id, text, edited_at, status,"
+            " attempts, error, delivered_at, provider_message_id)"
+            " WHERE m.message_id = u.message_id",
+            t=messages,
+        )
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(name))
             for name, _ in _CONVERSATION_COLUMNS[1:]
         )
-        self.upsert_conversations = sql.SQL(
+        self.upsert_conversations = _sql(
             "INSERT INTO {t} ({cols}) SELECT * FROM {src}"
-            " ON CONFLICT (conversation_id) DO UPDATE SET {updates}"
-        ).format(
+            " ON CONFLICT (conversation_id) DO UPDATE SET {updates}",
             t=conversations,
-            cols=_columns(_CONVERSATION_COLUMNS),
+            cols=conversation_columns,
             src=_unnest(_CONVERSATION_COLUMNS),
             updates=updates,
         )
-        self.copy_messages = sql.SQL("COPY {t} ({cols}) FROM STDIN (FORMAT BINARY)").format(
-            t=messages, cols=_columns(_MESSAGE_COLUMNS)
-        )
-        self.edit_messages = sql.SQL(
-            "UPDATE {t} AS m SET text = u.text, edited_at = u.edited_at"
-            " FROM unnest(%b::uuid[], %b::text[], %b::timestamptz[]) AS u(message_id, text,"
-            " edited_at) WHERE m.message_id = u.message_id"
-        ).format(t=messages)
-        self.add_counts = sql.SQL(
+        self.add_counts = _sql(
             "INSERT INTO {t} AS c (connection, status, conversations)"
             " SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])"
             " ON CONFLICT (connection, status)"
-            " DO UPDATE SET conversations = c.conversations + EXCLUDED.conversations"
-        ).format(t=counts)
+            " DO UPDATE SET conversations = c.conversations + EXCLUDED.conversations",
+            t=counts,
+        )
         # Zero rows are dropped so the table's rows do not depend on batch boundaries.
-        self.drop_zero_counts = sql.SQL(
+        self.drop_zero_counts = _sql(
             "DELETE FROM {t} WHERE conversations = 0"
-            " AND (connection, status) IN (SELECT * FROM unnest(%b::text[], %b::text[]))"
-        ).format(t=counts)
-        self.insert_merge = sql.SQL(
+            " AND (connection, status) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
+            t=counts,
+        )
+        self.insert_merge = _sql(
             "INSERT INTO {t} (from_contact_id, into_contact_id, merged_at) VALUES (%s, %s, %s)"
             " ON CONFLICT (from_contact_id) DO UPDATE"
-            " SET into_contact_id = EXCLUDED.into_contact_id, merged_at = EXCLUDED.merged_at"
-        ).format(t=merges)
+            " SET into_contact_id = EXCLUDED.into_contact_id, merged_at = EXCLUDED.merged_at",
+            t=merges,
+        )
         # Earlier merges into the merged contact now lead to the survivor (one hop to resolve).
-        self.forward_merges = sql.SQL(
-            "UPDATE {t} SET into_contact_id = %s WHERE into_contact_id = %s"
-        ).format(t=merges)
-        self.move_conversations = sql.SQL(
+        self.forward_merges = _sql(
+            "UPDATE {t} SET into_contact_id = %s WHERE into_contact_id = %s", t=merges
+        )
+        self.move_conversations = _sql(
             "UPDATE {t} SET contact_id = %s"
-            " WHERE (contact_id = %s OR conversation_id = ANY(%b::uuid[])) AND contact_id <> %s"
-        ).format(t=conversations)
+            " WHERE (contact_id = %s OR conversation_id = ANY(%b::uuid[])) AND contact_id <> %s",
+            t=conversations,
+        )
+
+
+class _Memory:
+    """Rows of earlier batches of one applier, as committed, so the next batches need not
+    load them again (see :meth:`Projection.new_memory` for when it is valid).
+
+    Bounded: the rows touched longest ago are forgotten, and a forgotten row is loaded again
+    when an event names it. A merge changes rows the batch does not hold (every conversation
+    of the merged contact): ``merged`` records it, and a remembered conversation's contact is
+    resolved through it when a batch takes the row.
+    """
+
+    __slots__ = ("conversations", "merged", "messages")
+
+    #: Rows kept of each kind (the forgetting happens once twice as many are held).
+    LIMIT: ClassVar[int] = 5_000
+
+    def __init__(self) -> None:
+        self.conversations: dict[uuid.UUID, _Conversation] = {}
+        self.messages: dict[uuid.UUID, _Message] = {}
+        #: contact -> the contact it was merged into, for the merges of this memory's batches
+        self.merged: dict[uuid.UUID, uuid.UUID] = {}
+
+    def conversation(self, conversation_id: uuid.UUID) -> _Conversation | None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None and self.merged:
+            contact = conv.contact_id
+            while (into := self.merged.get(contact)) is not None:
+                contact = into
+            conv.contact_id = contact
+        return conv
+
+    def remember(self, batch: _Batch) -> None:
+        """Take in the rows of a batch that is about to commit."""
+        conversations = self.conversations
+        for merge in batch.merge_log:
+            self.merged[merge.from_contact_id] = merge.into_contact_id
+        for conversation_id, conv in batch.conversations.items():
+            conv.counted = conv.count_key()
+            # Moved to the end: the rows forgotten first are those touched longest ago.
+            conversations.pop(conversation_id, None)
+            conversations[conversation_id] = conv
+        messages = self.messages
+        messages.update(batch.known_messages)
+        messages.update(batch.new_messages)
+        if len(conversations) > 2 * self.LIMIT:
+            self.conversations = dict(list(conversations.items())[-self.LIMIT :])
+        if len(messages) > 2 * self.LIMIT:
+            self.messages = dict(list(messages.items())[-self.LIMIT :])
 
 
 class _Batch:
@@ -561,15 +611,16 @@ class _Batch:
     def __init__(
         self,
         conversations: dict[uuid.UUID, _Conversation],
-        known_messages: dict[uuid.UUID, _Stored],
+        known_messages: dict[uuid.UUID, _Message],
         merges: dict[uuid.UUID, uuid.UUID],
     ) -> None:
         self.conversations = conversations
         self.known_messages = known_messages
         self.merges = merges  # merged contact -> surviving contact
         self.new_messages: dict[uuid.UUID, _Message] = {}
-        self.edits: dict[uuid.UUID, tuple[str | None, dt.datetime]] = {}
-        self.deliveries: set[uuid.UUID] = set()  # known messages whose delivery changed
+        self.changed_messages: dict[uuid.UUID, _Message] = {}  # known ones edited or delivered
+        # conversation -> its last message, whose preview is made once, at the write
+        self.previews: dict[uuid.UUID, _Message] = {}
         self.merge_log: list[ContactsMerged] = []
 
     def conversation(self, event: RecordedEvent, conversation_id: uuid.UUID) -> _Conversation:
@@ -580,6 +631,15 @@ class _Batch:
 
     def survivor(self, contact_id: uuid.UUID) -> uuid.UUID:
         return self.merges.get(contact_id, contact_id)
+
+    def named(self, event: RecordedEvent, message_id: uuid.UUID, unknown: str) -> _Message:
+        """A message an event names: inserted by this batch, or stored before."""
+        message = self.new_messages.get(message_id)
+        if message is None:
+            message = self.known_messages.get(message_id)
+            if message is None:
+                raise EventFailed(event, unknown.format(message_id))
+        return message
 
     # ---------------------------------------------------------------- the fold
 
@@ -625,76 +685,60 @@ class _Batch:
 
     def message(self, event: RecordedEvent, data: MessageReceived | MessageSent) -> None:
         conv = self.conversation(event, data.conversation_id)
-        if data.message_id in self.new_messages or data.message_id in self.known_messages:
-            raise EventFailed(event, f"message {data.message_id} is stored twice")
+        message_id = data.message_id
+        if message_id in self.new_messages or message_id in self.known_messages:
+            raise EventFailed(event, f"message {message_id} is stored twice")
         inbound = type(data) is MessageReceived
         conv.message_count += 1
         if inbound:
             conv.inbound_count += 1
             conv.unread_count += 1
-        message = self.new_messages[data.message_id] = _Message(event, conv.inbound_count)
-        preview = preview_of(data.text, message.attachment_types)
+        message = self.new_messages[message_id] = _Message.new(event, data, conv.inbound_count)
+        self.previews[conv.conversation_id] = message
         conv.last_message_at = conv.last_activity_at = data.sent_at
-        conv.last_message_id = data.message_id
-        conv.last_message_preview = preview
-        conv.last_message_direction = "in" if inbound else "out"
-        conv.last_message_status = message.delivery.status
+        conv.last_message_id = message_id
+        conv.last_message_direction = message.direction
+        conv.last_message_status = message.delivery_status
 
     def deliver(self, event: RecordedEvent, data: Any) -> None:
         conv = self.conversation(event, data.conversation_id)
-        new = self.new_messages.get(data.message_id)
-        if new is not None:
-            owner, delivery = new.event.data.conversation_id, new.delivery
-        else:
-            known = self.known_messages.get(data.message_id)
-            if known is None:
-                raise EventFailed(event, f"delivery of unknown message {data.message_id}")
-            owner, delivery = known.conversation_id, known.delivery
-            self.deliveries.add(data.message_id)
+        message = self.named(event, data.message_id, "delivery of unknown message {}")
+        owner = message.conversation_id
         if owner != conv.conversation_id:
             raise EventFailed(event, f"message {data.message_id} belongs to conversation {owner}")
-        was = delivery.status
-        delivery.apply(data)
-        if was != "failed" and delivery.status == "failed":
+        if data.message_id not in self.new_messages:
+            self.changed_messages[data.message_id] = message
+        was = message.delivery_status
+        message.deliver(data)
+        now = message.delivery_status
+        if was != "failed" and now == "failed":
             conv.failed_replies += 1
-        elif was == "failed" and delivery.status != "failed":
+        elif was == "failed" and now != "failed":
             conv.failed_replies -= 1
         if conv.last_message_id == data.message_id:
-            conv.last_message_status = delivery.status
+            conv.last_message_status = now
 
     def read(self, event: RecordedEvent, data: MessagesRead) -> None:
         conv = self.conversation(event, data.conversation_id)
-        new = self.new_messages.get(data.up_to_message_id)
-        if new is not None:
-            owner, number = new.event.data.conversation_id, new.inbound_number
-        else:
-            known = self.known_messages.get(data.up_to_message_id)
-            if known is None:
-                raise EventFailed(event, f"message {data.up_to_message_id} is unknown")
-            owner, number = known.conversation_id, known.inbound_number
+        message = self.named(event, data.up_to_message_id, "message {} is unknown")
+        owner = message.conversation_id
         if owner != conv.conversation_id:
             raise EventFailed(
                 event, f"message {data.up_to_message_id} belongs to conversation {owner}"
             )
-        conv.unread_count = max(conv.inbound_count - number, 0)
+        conv.unread_count = max(conv.inbound_count - message.inbound_number, 0)
 
     def edit(self, event: RecordedEvent, data: MessageEdited) -> None:
         conv = self.conversation(event, data.conversation_id)
-        new = self.new_messages.get(data.message_id)
-        if new is not None:
-            owner = new.event.data.conversation_id
-            new.text, new.edited_at = data.text, data.edited_at
-            types = new.attachment_types
-        else:
-            known = self.known_messages.get(data.message_id)
-            if known is None:
-                raise EventFailed(event, f"edit of unknown message {data.message_id}")
-            owner, types = known.conversation_id, known.attachment_types
-            self.edits[data.message_id] = (data.text, data.edited_at)
+        message = self.named(event, data.message_id, "edit of unknown message {}")
+        owner = message.conversation_id
         if owner != conv.conversation_id:
             raise EventFailed(event, f"message {data.message_id} belongs to conversation {owner}")
+        message.text, message.edited_at = data.text, data.edited_at
+        if data.message_id not in self.new_messages:
+            self.changed_messages[data.message_id] = message
         if conv.last_message_id == data.message_id:
-            conv.last_message_preview = preview_of(data.text, types)
+            self.previews[conv.conversation_id] = message
 
     def merge(self, data: ContactsMerged) -> None:
         into = self.survivor(data.into_contact_id)
@@ -739,6 +783,10 @@ class InboxProjection(Projection):
             statements = self._statements[schema] = _Statements(schema)
         return statements
 
+    def new_memory(self) -> Any:
+        """The conversations and messages of recent batches (see :class:`_Memory`)."""
+        return _Memory()
+
     async def apply(
         self,
         conn: psycopg.AsyncConnection[Any],
@@ -746,14 +794,29 @@ class InboxProjection(Projection):
         events: Sequence[RecordedEvent],
     ) -> None:
         """Fold the batch in memory, then write it with set-based statements."""
+        await self.apply_with_memory(conn, schema, events, _Memory())
+
+    async def apply_with_memory(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        events: Sequence[RecordedEvent],
+        memory: Any,
+    ) -> None:
+        """:meth:`apply`, taking the rows ``memory`` holds instead of loading them."""
         st = self._for(schema)
-        batch = await self._load(conn, st, events)
+        batch = await self._load(conn, st, events, memory)
         for event in events:
             batch.fold(event)
         await self._write(conn, st, batch)
+        memory.remember(batch)
 
     async def _load(
-        self, conn: psycopg.AsyncConnection[Any], st: _Statements, events: Sequence[RecordedEvent]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        st: _Statements,
+        events: Sequence[RecordedEvent],
+        memory: _Memory,
     ) -> _Batch:
         conversation_ids: set[uuid.UUID] = set()
         named_messages: set[uuid.UUID] = set()
@@ -782,15 +845,30 @@ class InboxProjection(Projection):
                     named_messages.add(data.up_to_message_id)
                 elif kind is MessageEdited:
                     named_messages.add(data.message_id)
-        cur = await conn.execute(st.load_conversations, (list(conversation_ids),))
-        conversations = {row[0]: _Conversation.from_row(row) for row in await cur.fetchall()}
-        known: dict[uuid.UUID, _Stored] = {}
-        lookup = named_messages - new_messages
+        conversations: dict[uuid.UUID, _Conversation] = {}
+        missing: list[uuid.UUID] = []
+        for conversation_id in conversation_ids:
+            conv = memory.conversation(conversation_id)
+            if conv is None:
+                missing.append(conversation_id)
+            else:
+                conversations[conversation_id] = conv
+        if missing:
+            cur = await conn.execute(st.load_conversations, (missing,))
+            for row in await cur.fetchall():
+                conversations[row[0]] = _Conversation.from_row(row)
+        known: dict[uuid.UUID, _Message] = {}
+        lookup: list[uuid.UUID] = []
+        for message_id in named_messages - new_messages:
+            message = memory.messages.get(message_id)
+            if message is None:
+                lookup.append(message_id)
+            else:
+                known[message_id] = message
         if lookup:
-            cur = await conn.execute(st.load_messages, (list(lookup),))
-            for message_id, conversation_id, number, attachments, *delivery in await cur.fetchall():
-                types = tuple(a.type for a in _ATTACHMENT_TYPES.decode(attachments or b"[]"))
-                known[message_id] = _Stored(conversation_id, number, types, _Delivery(*delivery))
+            cur = await conn.execute(st.load_messages, (lookup,))
+            for row in await cur.fetchall():
+                known[row[2]] = _Message.stored(row)
         merges: dict[uuid.UUID, uuid.UUID] = {}
         if contacts:
             cur = await conn.execute(st.load_merges, (list(contacts),))
@@ -802,23 +880,30 @@ class InboxProjection(Projection):
     ) -> None:
         if batch.new_messages:
             await _copy_messages(conn, st.copy_messages, batch.new_messages.values())
-        if batch.edits:
-            ids = list(batch.edits)
+        if batch.changed_messages:
+            changed = batch.changed_messages.values()
             await conn.execute(
-                st.edit_messages,
-                (ids, [batch.edits[i][0] for i in ids], [batch.edits[i][1] for i in ids]),
+                st.update_messages,
+                [
+                    [m.message_id for m in changed],
+                    [m.text for m in changed],
+                    [m.edited_at for m in changed],
+                    [m.delivery_status for m in changed],
+                    [m.delivery_attempts for m in changed],
+                    [m.delivery_error for m in changed],
+                    [m.delivered_at for m in changed],
+                    [m.provider_message_id for m in changed],
+                ],
             )
-        if batch.deliveries:
-            ids = list(batch.deliveries)
-            rows = [batch.known_messages[i].delivery.row() for i in ids]
-            await conn.execute(
-                st.deliver_messages, [ids, *(list(col) for col in zip(*rows, strict=True))]
+        for conversation_id, message in batch.previews.items():
+            batch.conversations[conversation_id].last_message_preview = preview_of(
+                message.text, message.attachment_types
             )
         if batch.conversations:
-            rows = [conv.row() for conv in batch.conversations.values()]
-            await conn.execute(
-                st.upsert_conversations, [list(col) for col in zip(*rows, strict=True)]
-            )
+            rows = [msgspec.structs.astuple(c) for c in batch.conversations.values()]
+            # The last column is ``counted``, which the table does not have.
+            columns = list(zip(*rows, strict=True))[:-1]
+            await conn.execute(st.upsert_conversations, [list(col) for col in columns])
         for merge in batch.merge_log:
             await conn.execute(
                 st.insert_merge, (merge.from_contact_id, merge.into_contact_id, merge.merged_at)
@@ -841,60 +926,22 @@ class InboxProjection(Projection):
                     deltas[conv.counted] = deltas.get(conv.counted, 0) - 1
                 if now is not None:
                     deltas[now] = deltas.get(now, 0) + 1
-        changed = [(key, n) for key, n in deltas.items() if n]
-        if changed:
-            connections = [key[0] for key, _ in changed]
-            statuses = [key[1] for key, _ in changed]
-            await conn.execute(st.add_counts, (connections, statuses, [n for _, n in changed]))
+        moved = [(key, n) for key, n in deltas.items() if n]
+        if moved:
+            connections = [key[0] for key, _ in moved]
+            statuses = [key[1] for key, _ in moved]
+            await conn.execute(st.add_counts, (connections, statuses, [n for _, n in moved]))
             await conn.execute(st.drop_zero_counts, (connections, statuses))
 
 
-class _RawJsonb(bytes):
-    """JSON text already encoded (by msgspec), to be sent as a jsonb value as it is."""
-
-
-class _RawJsonbBinaryDumper(Dumper):
-    """Binary jsonb is a version byte (1) and the JSON text: no re-encoding needed."""
-
-    format = Format.BINARY
-    oid = postgres.types["jsonb"].oid
-
-    def dump(self, obj: Any) -> bytes:
-        return b"\x01" + bytes(obj)
-
-
-_MESSAGE_TYPES: Final = [typ for _, typ in _MESSAGE_COLUMNS]
-
-
 async def _copy_messages(
-    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, messages: Iterable[_Message]
+    conn: psycopg.AsyncConnection[Any], statement: bytes, messages: Iterable[_Message]
 ) -> None:
-    """Insert a batch's messages with a binary COPY (several times faster than INSERT)."""
+    """Insert a batch's messages with a binary COPY."""
     async with conn.cursor() as cur:
         # Only this cursor's jsonb values come pre-encoded.
         cur.adapters.register_dumper(None, _RawJsonbBinaryDumper)
         async with cur.copy(statement) as copy:
             copy.set_types(_MESSAGE_TYPES)
             for message in messages:
-                event = message.event
-                data = event.data
-                inbound = type(data) is MessageReceived
-                await copy.write_row(
-                    (
-                        data.conversation_id,
-                        event.stream_version,
-                        data.message_id,
-                        "in" if inbound else "out",
-                        message.inbound_number,
-                        message.text,
-                        message.attachments,
-                        data.sent_at,
-                        None if inbound else data.author,
-                        message.delivery.provider_message_id,
-                        message.edited_at,
-                        message.delivery.status,
-                        message.delivery.attempts,
-                        message.delivery.error,
-                        message.delivery.delivered_at,
-                    )
-                )
+                await copy.write_row(message.row())

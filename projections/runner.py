@@ -171,13 +171,18 @@ class Applier:
         self.store = EventStore(pool, TolerantCodec(projection.codec))
         #: Read the next batch on another pool connection while writing one.
         self.prefetch = prefetch
-        self._prefetch: tuple[Checkpoint, int, asyncio.Future[list[RecordedEvent]]] | None = None
+        self._prefetch: _ReadAhead | None = None
+        # The projection's memory of its rows, valid while the schema's checkpoint table (by
+        # oid: a rebuild's swap replaces it) stands at the checkpoint of our last commit.
+        self._memory: Any = None
+        self._memory_key: tuple[int, Checkpoint] | None = None
         table = sql.Identifier(schema, CHECKPOINT_TABLE)
         # Asynchronous commit: a server crash can lose the last batches, but each batch with
         # its checkpoint, so they are applied again; the model is never torn. It saves a WAL
         # flush per batch.
         self._lock_checkpoint = sql.SQL(
-            "SELECT transaction_id, position, set_config('synchronous_commit', 'off', true)"
+            "SELECT transaction_id, position, tableoid::bigint,"
+            " set_config('synchronous_commit', 'off', true)"
             " FROM {t} WHERE projection = %s FOR UPDATE"
         ).format(t=table)
         self._move_checkpoint = sql.SQL(
@@ -252,31 +257,39 @@ class Applier:
     # Safe because the fence makes a read a stable prefix of the log: the events after a
     # checkpoint, once returned, are the first ones after it for ever. A read-ahead is used only
     # if the locked checkpoint is the one it started from, and only when it filled a batch
-    # (a short one may have missed events that arrived since).
+    # (a short one may have missed events that arrived since). One that is still waiting for a
+    # pool connection when it is wanted is dropped, so a busy pool never stalls the batch.
 
     def _start_prefetch(self, after: Checkpoint, limit: int) -> None:
         self._cancel_prefetch()
-        task = asyncio.ensure_future(self.store.read_all(after, limit))
-        self._prefetch = (after, limit, task)
+        ahead = _ReadAhead(after, limit)
+        ahead.task = asyncio.ensure_future(self._read_ahead(ahead))
+        self._prefetch = ahead
+
+    async def _read_ahead(self, ahead: _ReadAhead) -> list[RecordedEvent]:
+        async with self.store.pool.connection() as conn:
+            ahead.reading = True
+            return await self.store.read_all(ahead.after, ahead.limit, connection=conn)
 
     def _cancel_prefetch(self) -> None:
         if self._prefetch is not None:
-            task = self._prefetch[2]
+            task = self._prefetch.task
             self._prefetch = None
-            task.cancel()
-            # The task's outcome (often a cancellation) is not needed; silence it.
-            task.add_done_callback(_ignore_outcome)
+            if task is not None:
+                task.cancel()
+                # The task's outcome (often a cancellation) is not needed; silence it.
+                task.add_done_callback(_ignore_outcome)
 
     async def _prefetched(self, checkpoint: Checkpoint, limit: int) -> list[RecordedEvent] | None:
-        if self._prefetch is None:
+        ahead = self._prefetch
+        if ahead is None or ahead.task is None:
             return None
-        after, wanted, task = self._prefetch
-        if after != checkpoint or wanted != limit:
+        if ahead.after != checkpoint or ahead.limit != limit or not ahead.reading:
             self._cancel_prefetch()
             return None
         self._prefetch = None
         try:
-            events = await task
+            events = await ahead.task
         except Exception:  # a failed read-ahead is only a missed optimisation
             return None
         return events if len(events) == limit else None
@@ -284,10 +297,11 @@ class Applier:
     async def close(self) -> None:
         """Cancel a pending read-ahead (call when done with the applier)."""
         if self._prefetch is not None:
-            task = self._prefetch[2]
+            task = self._prefetch.task
             self._cancel_prefetch()
-            with contextlib.suppress(BaseException):
-                await task
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def apply_batch(
         self,
@@ -310,6 +324,9 @@ class Applier:
     async def _apply_batch(
         self, conn: psycopg.AsyncConnection[Any], limit: int, until: Checkpoint | None
     ) -> BatchResult:
+        # The memory is taken out while the batch runs: only its commit makes it valid again.
+        memory, key = self._memory, self._memory_key
+        self._memory = self._memory_key = None
         async with conn.transaction():
             row = await (
                 await conn.execute(self._lock_checkpoint, (self.projection.name,))
@@ -317,46 +334,77 @@ class Applier:
             if row is None:
                 raise ProjectionError(f"{self.schema} has no checkpoint for {self.projection}")
             checkpoint = Checkpoint(row[0], row[1])
-            if until is not None and checkpoint >= until:
-                return BatchResult(0, checkpoint, True)
-            events = await self._prefetched(checkpoint, limit)
-            if events is None:
-                events = await self.store.read_all(checkpoint, limit, connection=conn)
-            full = len(events) == limit
-            if until is not None and events and events[-1].checkpoint > until:
-                events = [e for e in events if e.checkpoint <= until]
-                full = False
-            if not events:
-                return BatchResult(0, checkpoint, True)
-            if full and self.prefetch and until is None:
-                self._start_prefetch(events[-1].checkpoint, limit)
-            handles = self.projection.handles
-            relevant = [e for e in events if e.type in handles]
-            if relevant:
-                try:
+            table = int(row[2])
+            if key != (table, checkpoint):
+                memory = self.projection.new_memory()
+            result = await self._apply_events(conn, limit, until, checkpoint, memory)
+        self._memory, self._memory_key = memory, (table, result.checkpoint)
+        return result
+
+    async def _apply_events(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        limit: int,
+        until: Checkpoint | None,
+        checkpoint: Checkpoint,
+        memory: Any,
+    ) -> BatchResult:
+        if until is not None and checkpoint >= until:
+            return BatchResult(0, checkpoint, True)
+        events = await self._prefetched(checkpoint, limit)
+        if events is None:
+            events = await self.store.read_all(checkpoint, limit, connection=conn)
+        full = len(events) == limit
+        if full and self.prefetch and (until is None or events[-1].checkpoint < until):
+            self._start_prefetch(events[-1].checkpoint, limit)
+        if until is not None and events and events[-1].checkpoint > until:
+            events = [e for e in events if e.checkpoint <= until]
+            full = False
+        if not events:
+            return BatchResult(0, checkpoint, True)
+        handles = self.projection.handles
+        relevant = [e for e in events if e.type in handles]
+        if relevant:
+            try:
+                if memory is None:
                     await self.projection.apply(conn, self.schema, relevant)
-                except EventFailed as exc:
-                    index = next(
-                        (i for i, e in enumerate(events) if e.checkpoint == exc.event.checkpoint),
-                        None,
-                    )
-                    raise BatchFailed(events, exc, index) from exc
-                except Exception as exc:
-                    if _unavailable(exc):
-                        raise
-                    raise BatchFailed(events, exc) from exc
-            last = events[-1].checkpoint
-            await conn.execute(
-                self._move_checkpoint,
-                (
-                    last.transaction_id,
-                    last.position,
-                    len(events),
-                    self.instance,
-                    self.projection.name,
-                ),
-            )
+                else:
+                    await self.projection.apply_with_memory(conn, self.schema, relevant, memory)
+            except EventFailed as exc:
+                index = next(
+                    (i for i, e in enumerate(events) if e.checkpoint == exc.event.checkpoint),
+                    None,
+                )
+                raise BatchFailed(events, exc, index) from exc
+            except Exception as exc:
+                if _unavailable(exc):
+                    raise
+                raise BatchFailed(events, exc) from exc
+        last = events[-1].checkpoint
+        await conn.execute(
+            self._move_checkpoint,
+            (
+                last.transaction_id,
+                last.position,
+                len(events),
+                self.instance,
+                self.projection.name,
+            ),
+        )
         return BatchResult(len(events), last, not full)
+
+
+class _ReadAhead:
+    """The next batch being read on another connection, from ``after``."""
+
+    __slots__ = ("after", "limit", "reading", "task")
+
+    def __init__(self, after: Checkpoint, limit: int) -> None:
+        self.after = after
+        self.limit = limit
+        #: True once it holds a connection (before that, reading directly is no slower)
+        self.reading = False
+        self.task: asyncio.Future[list[RecordedEvent]] | None = None
 
 
 class _Failure(msgspec.Struct, frozen=True):

@@ -7,6 +7,7 @@ projection runs in-process until it has reached the newest event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Sequence
@@ -48,7 +49,8 @@ from projections import (
     catch_up,
     compare_read_models,
 )
-from projections.runner import log_head
+from projections.inbox import _Memory
+from projections.runner import Applier, log_head
 from projections.synthetic import append_all, traffic
 
 INBOX = PROJECTIONS["inbox"]
@@ -427,3 +429,47 @@ def test_batch_boundaries_never_change_the_model(
             await pool.close()
 
     asyncio.run(example())
+
+
+class _Rollback(Exception):
+    """Raised to roll back the caller's transaction around a batch."""
+
+
+async def test_what_appliers_remember_follows_what_is_committed(
+    pool: AsyncConnectionPool[Any], store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appliers keep rows between batches; taking turns on one schema, having batches rolled
+    back by their caller after the batch's own commit (a savepoint), and forgetting rows all
+    the time, they still build the model a single build from scratch builds."""
+    monkeypatch.setattr(_Memory, "LIMIT", 5)
+    await append_all(store, list(traffic(3000, seed=11, active=30)))
+    async with pool.connection() as conn:
+        head = await log_head(conn)
+        await conn.execute("DROP SCHEMA IF EXISTS turns CASCADE")
+        first, second = Applier(pool, INBOX, "turns"), Applier(pool, INBOX, "turns")
+        await first.create(conn)
+        turn = 0
+        rolled_back = 0
+        try:
+            while True:
+                turn += 1
+                applier = second if turn % 3 == 0 else first
+                if turn % 5 == 0:
+                    with contextlib.suppress(_Rollback):
+                        async with conn.transaction():
+                            if (await applier.apply_batch(conn, 60, until=head)).events:
+                                rolled_back += 1
+                            raise _Rollback
+                    continue
+                result = await applier.apply_batch(conn, 40 + turn % 17, until=head)
+                if result.caught_up:
+                    break
+        finally:
+            await first.close()
+            await second.close()
+        assert rolled_back > 5
+        await build_into(pool, INBOX, "scratch", until=head, replace=True)
+        differences = await compare_read_models(conn, INBOX, "turns", "scratch")
+        assert set(differences.values()) == {(0, 0)}, differences
+        await conn.execute("DROP SCHEMA turns CASCADE")
+        await conn.execute("DROP SCHEMA scratch CASCADE")

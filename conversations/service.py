@@ -27,12 +27,12 @@ from eventstore import (
     EventStore,
     NewEvent,
     WrongExpectedVersion,
-    category_of,
     deterministic_id,
     uuid7,
 )
 from eventstore.errors import raise_translated, translate_errors
 
+from .batching import BatchFailed, InboundBatcher, InboundRow, receive_many
 from .connections import Channel
 from .delivery import META_CHANNELS, check_reply, confirm_echo, reply_in_metadata
 from .errors import (
@@ -199,7 +199,7 @@ class _Inbound(NamedTuple):
 
 
 class _Found(NamedTuple):
-    """What ``_RECEIVE`` read about a key, in its column order."""
+    """What ``RECEIVE_MANY`` read about a key, in its column order (after ``appended``)."""
 
     channel: Channel
     reopen_policy: str
@@ -216,56 +216,13 @@ class _Found(NamedTuple):
     stored_in: str | None
 
 
-# One statement, one round trip, for every delivery: look up the key (the connection, its
-# current conversation and that conversation's stream, the key's contact, and whether the
-# message is already stored) and, when the conversation is open, move its stream one version
-# on (the same per-stream row and exact-version check as EventStore.append) and insert the
-# message with the conversation id and provider filled in. The lookup row always comes back,
-# so when nothing was appended (a new key, a closed or snoozed-until-reply conversation, a
-# redelivery, a lost race) the decision that follows needs no second read.
-_RECEIVE = """
-WITH found AS (
-    SELECT c.channel, c.reopen_policy, c.reopen_window,
-           r.conversation_id, r.stream_id,
-           v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
-           s.version, k.contact_id,
-           (SELECT e.stream_id FROM events e WHERE e.event_id = %(event_id)s) AS stored_in
-    FROM connections c
-    LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
-    LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
-    LEFT JOIN streams s ON s.stream_id = r.stream_id
-    LEFT JOIN contact_keys k ON k.connection = c.name AND k.psid = %(psid)s
-    WHERE c.name = %(connection)s
-),
-bumped AS (
-    UPDATE streams s SET version = s.version + 1, updated_at = now()
-    FROM found f
-    WHERE s.stream_id = f.stream_id AND s.version = f.version AND s.state = 'active'
-      AND f.stored_in IS NULL
-      AND (f.status = 'open' OR (f.status = 'snoozed' AND NOT f.snooze_until_reply))
-    RETURNING s.stream_id, s.version
-),
-appended AS (
-    INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
-    SELECT %(event_id)s, b.stream_id, b.version, 'conversation', 'MessageReceived',
-           %(data)s::jsonb || jsonb_build_object(
-               'conversation_id', f.conversation_id,
-               'provider', COALESCE(%(provider)s::text, f.channel)),
-           %(metadata)s::jsonb
-    FROM bumped b, found f
-    RETURNING 1
-)
-SELECT EXISTS (SELECT FROM appended), f.* FROM found f
-"""
-
 # Opening a conversation, in one statement (its own transaction): the contact (new, or the
 # key's existing one held FOR SHARE and still the one we read, so a concurrent merge either
 # waits for us or makes us retry), the reservation (inserted for a new key; replaced only if it
 # still names the conversation we read), the conversation row, its stream (and a new contact's
 # stream) and the events in log order. Each step selects from the one before, so when a check
 # fails nothing at all is written and no row comes back; a lost race on a key raises a unique
-# violation instead. Both end in a retry from a fresh read. The arrays are bound in binary:
-# psycopg's text array dumper escapes the JSON with a regex (a third of the client's CPU here).
+# violation instead. Both end in a retry from a fresh read.
 _NEW_CONTACT = """
 WITH contact AS (
     INSERT INTO contacts (contact_id, created_at) VALUES (%(contact_id)s, %(now)s)
@@ -304,7 +261,7 @@ reserved AS (
 ),
 """
 
-_OPEN = """
+_OPENED = """
 opened AS (
     INSERT INTO conversations (conversation_id, stream_id, connection, psid, contact_id,
                                status, opened_at)
@@ -313,29 +270,57 @@ opened AS (
     FROM reserved r, held h
     RETURNING conversation_id
 ),
+"""
+
+# The conversation's stream (at version 2) and its two events; a new contact's stream and its
+# ContactCreated come first. Scalar parameters, not arrays: PostgreSQL then settles on one
+# generic plan for the prepared statement instead of planning it on every execution.
+_STREAMS_AND_EVENTS: Final[dict[bool, LiteralString]] = {
+    False: """
+streams_made AS (
+    INSERT INTO streams (stream_id, category, version)
+    SELECT %(stream_id)s, 'conversation', 2 FROM opened
+)
+INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+SELECT e.event_id, %(stream_id)s, e.version, 'conversation', e.type, e.data, e.metadata
+FROM opened, (VALUES
+    (%(opened_id)s::uuid, 1, %(opened_type)s::text, %(opened_data)s::jsonb,
+     %(opened_metadata)s::jsonb),
+    (%(received_id)s::uuid, 2, %(received_type)s::text, %(received_data)s::jsonb,
+     %(received_metadata)s::jsonb)
+) AS e(event_id, version, type, data, metadata)
+ORDER BY e.version
+RETURNING position
+""",
+    True: """
 streams_made AS (
     INSERT INTO streams (stream_id, category, version)
     SELECT n.stream_id, n.category, n.version
-    FROM opened, unnest(%(stream_ids)b::text[], %(categories)b::text[], %(versions)b::bigint[])
-        AS n(stream_id, category, version)
+    FROM opened,
+         (VALUES (%(contact_stream)s::text, 'contact', 1), (%(stream_id)s::text, 'conversation', 2))
+            AS n(stream_id, category, version)
 )
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
-SELECT e.event_id, e.stream_id, e.stream_version, e.category, e.type, e.data, e.metadata
-FROM opened,
-     unnest(%(event_ids)b::uuid[], %(event_streams)b::text[], %(event_versions)b::bigint[],
-            %(event_categories)b::text[], %(types)b::text[], %(data)b::jsonb[],
-            %(metadatas)b::jsonb[]) WITH ORDINALITY
-        AS e(event_id, stream_id, stream_version, category, type, data, metadata, ord)
+SELECT e.event_id, e.stream_id, e.version, e.category, e.type, e.data, e.metadata
+FROM opened, (VALUES
+    (0, %(created_id)s::uuid, %(contact_stream)s::text, 1, 'contact', %(created_type)s::text,
+     %(created_data)s::jsonb, %(created_metadata)s::jsonb),
+    (1, %(opened_id)s::uuid, %(stream_id)s::text, 1, 'conversation', %(opened_type)s::text,
+     %(opened_data)s::jsonb, %(opened_metadata)s::jsonb),
+    (2, %(received_id)s::uuid, %(stream_id)s::text, 2, 'conversation', %(received_type)s::text,
+     %(received_data)s::jsonb, %(received_metadata)s::jsonb)
+) AS e(ord, event_id, stream_id, version, category, type, data, metadata)
 ORDER BY e.ord
 RETURNING position
-"""
+""",
+}
 
 #: (new contact, new reservation) -> the statement that opens a conversation
 _OPEN_CONVERSATION: Final[dict[tuple[bool, bool], LiteralString]] = {
-    (True, True): _NEW_CONTACT + _RESERVE + _OPEN,
-    (True, False): _NEW_CONTACT + _REPLACE + _OPEN,
-    (False, True): _KNOWN_CONTACT + _RESERVE + _OPEN,
-    (False, False): _KNOWN_CONTACT + _REPLACE + _OPEN,
+    (True, True): _NEW_CONTACT + _RESERVE + _OPENED + _STREAMS_AND_EVENTS[True],
+    (True, False): _NEW_CONTACT + _REPLACE + _OPENED + _STREAMS_AND_EVENTS[True],
+    (False, True): _KNOWN_CONTACT + _RESERVE + _OPENED + _STREAMS_AND_EVENTS[False],
+    (False, False): _KNOWN_CONTACT + _REPLACE + _OPENED + _STREAMS_AND_EVENTS[False],
 }
 
 # The newest customer message of a key, over its conversations (Meta's window counts from it).
@@ -364,6 +349,8 @@ class ConversationService:
         self.store = store
         self.pool: AsyncConnectionPool[Any] = store.pool
         self.stats = ServiceStats()
+        #: shares the first statement of concurrent ``receive_inbound`` calls
+        self.batcher = InboundBatcher(self.pool)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -423,15 +410,27 @@ class ConversationService:
             message.provider_message_id,
         )
         inbound = _Inbound(connection, psid, message, message_id, dict(metadata or {}))
-        # Round trips are what a delivery costs: a message to an open conversation is one
-        # statement, a first message two (the lookup that would have appended, then the one
-        # that opens the conversation); only rarer cases take a transaction.
+        # Statements are what a delivery costs: a message to an open conversation is one
+        # (shared with the deliveries that arrived meanwhile, see conversations.batching), a
+        # first message one more (writing the contact, reservation, conversation and events);
+        # only rarer cases take a transaction.
+        alone = False
         for n in range(_ATTEMPTS):
             try:
-                async with self.pool.connection() as conn:
-                    result = await self._receive_once(conn, inbound)
+                result = await self._receive_once(inbound, alone)
+            except BatchFailed:
+                alone = True  # the shared statement failed: find out whether it was ours
+                continue
             except (_Retry, WrongExpectedVersion, DuplicateEvent):
                 pass
+            except pg_errors.DataError as exc:
+                # Class 22 (by SQLSTATE): a value jsonb cannot hold (a \u0000 escape in an
+                # attachment or in metadata). Nothing was stored.
+                raise InvalidCommand(
+                    f"the message cannot be stored: PostgreSQL refused its data"
+                    f" (SQLSTATE {exc.sqlstate})",
+                    field="message",
+                ) from exc
             except psycopg.Error as exc:
                 _raise_unless_retryable(exc)
             else:
@@ -442,9 +441,7 @@ class ConversationService:
             await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
         raise RetriesExhausted("receive_inbound", _ATTEMPTS)
 
-    async def _receive_once(
-        self, conn: psycopg.AsyncConnection[Any], inbound: _Inbound
-    ) -> InboundResult:
+    async def _receive_once(self, inbound: _Inbound, alone: bool) -> InboundResult:
         """One attempt: append to the open conversation, or decide from the same read."""
         message = inbound.message
         now = _now()
@@ -460,15 +457,18 @@ class ConversationService:
             reply_to=message.reply_to,
             quick_reply=message.quick_reply,
         )
-        params = {
-            "connection": inbound.connection,
-            "psid": inbound.psid,
-            "event_id": inbound.message_id,
-            "data": _ENCODE(payload).decode(),
-            "provider": message.provider,
-            "metadata": _ENCODE(inbound.metadata).decode(),
-        }
-        row = await self._one(conn, _RECEIVE, params)
+        request = InboundRow(
+            inbound.connection,
+            inbound.psid,
+            inbound.message_id,
+            _ENCODE(payload).decode(),
+            message.provider,
+            _ENCODE(inbound.metadata).decode(),
+        )
+        if alone:
+            row = (await receive_many(self.pool, [request]))[0]
+        else:
+            row = await self.batcher.receive(request)
         if row is None:
             raise ConnectionNotFound(inbound.connection)
         found = _Found(*row[1:])
@@ -483,20 +483,24 @@ class ConversationService:
                 contact_id=found.contact_id,
                 duplicate=True,
             )
-        if found.conversation_id is not None and found.status in ("open", "snoozed"):
-            # Snoozed until the customer's next message (left to us by the first statement),
-            # or the stream moved on since the read (the append's version check then fails).
-            async with conn.transaction():
-                return await self._append_to_current(conn, inbound, found, now)
-        if (
-            found.conversation_id is not None
-            and not found.deleted
-            and _reopens(found.reopen_policy, found.reopen_window, found.closed_at, message.sent_at)
-        ):
-            async with conn.transaction():
-                return await self._reopen_for(conn, inbound, found, now)
-        # A new conversation: for a new key, or after a close the policy does not reopen.
-        return await self._open_for(conn, inbound, found, now)
+        async with self.pool.connection() as conn:
+            if found.conversation_id is not None and found.status in ("open", "snoozed"):
+                # Snoozed until the customer's next message (left to us by the first
+                # statement), or the stream moved on since the read (the append's version
+                # check then fails and we retry).
+                async with conn.transaction():
+                    return await self._append_to_current(conn, inbound, found, now)
+            if (
+                found.conversation_id is not None
+                and not found.deleted
+                and _reopens(
+                    found.reopen_policy, found.reopen_window, found.closed_at, message.sent_at
+                )
+            ):
+                async with conn.transaction():
+                    return await self._reopen_for(conn, inbound, found, now)
+            # A new conversation: for a new key, or after a close the policy does not reopen.
+            return await self._open_for(conn, inbound, found, now)
 
     def _received(
         self, inbound: _Inbound, found: _Found, conversation_id: uuid.UUID, now: dt.datetime
@@ -571,18 +575,7 @@ class ConversationService:
         opened = ConversationOpened(
             conversation_id, inbound.connection, found.channel, inbound.psid, contact_id, now
         )
-        events = [
-            (stream, 1, self._event(opened, **inbound.metadata)),
-            (stream, 2, self._received(inbound, found, conversation_id, now)),
-        ]
-        streams = [(stream, 2)]
-        if new_contact:
-            created = ContactCreated(contact_id, inbound.connection, inbound.psid, now)
-            events.insert(
-                0, (contact_stream(contact_id), 1, self._event(created, **inbound.metadata))
-            )
-            streams.append((contact_stream(contact_id), 1))
-        params = {
+        params: dict[str, Any] = {
             "connection": inbound.connection,
             "psid": inbound.psid,
             "contact_id": contact_id,
@@ -590,17 +583,20 @@ class ConversationService:
             "stream_id": stream,
             "previous": found.conversation_id,
             "now": now,
-            "stream_ids": [s for s, _ in streams],
-            "categories": [category_of(s) for s, _ in streams],
-            "versions": [v for _, v in streams],
-            "event_ids": [e.event_id for _, _, e in events],
-            "event_streams": [s for s, _, _ in events],
-            "event_versions": [v for _, v, _ in events],
-            "event_categories": [category_of(s) for s, _, _ in events],
-            "types": [e.type for _, _, e in events],
-            "data": [e.data.decode() for _, _, e in events],
-            "metadatas": [_ENCODE(e.metadata).decode() for _, _, e in events],
         }
+        events = [
+            ("opened", self._event(opened, **inbound.metadata)),
+            ("received", self._received(inbound, found, conversation_id, now)),
+        ]
+        if new_contact:
+            created = ContactCreated(contact_id, inbound.connection, inbound.psid, now)
+            events.append(("created", self._event(created, **inbound.metadata)))
+            params["contact_stream"] = contact_stream(contact_id)
+        for name, event in events:
+            params[f"{name}_id"] = event.event_id
+            params[f"{name}_type"] = event.type
+            params[f"{name}_data"] = event.data.decode()
+            params[f"{name}_metadata"] = _ENCODE(event.metadata).decode()
         query = _OPEN_CONVERSATION[new_contact, found.conversation_id is None]
         cur = await conn.execute(query, params)
         if not await cur.fetchall():

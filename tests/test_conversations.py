@@ -331,3 +331,51 @@ async def test_events_decode_to_the_domain_union(service: ConversationService) -
     events = await stream(service, c.conversation_id)
     assert isinstance(events[-1].data, ConversationClosed)
     assert events[-1].data.reason == "done"
+
+
+async def test_concurrent_deliveries_share_statements_and_an_error_stays_with_its_delivery(
+    service: ConversationService,
+) -> None:
+    keys = [f"batch-{n}" for n in range(30)]
+    opened = await asyncio.gather(*(service.receive_inbound("fb", k, msg(f"{k}-0")) for k in keys))
+    statements, deliveries = service.batcher.statements, service.batcher.deliveries
+
+    # Thirty messages to open conversations and one the database refuses (a \u0000 in its
+    # metadata), all at once: they share statements, the refused one fails alone.
+    async def bad() -> None:
+        with pytest.raises(InvalidCommand) as refused:
+            await service.receive_inbound("fb", "batch-5", msg("bad"), metadata={"note": "\x00"})
+        assert refused.value.field == "message"
+
+    results = await asyncio.gather(
+        *(service.receive_inbound("fb", k, msg(f"{k}-1")) for k in keys), bad()
+    )
+    assert service.batcher.deliveries - deliveries >= 31
+    assert service.batcher.statements - statements < 31 // 2  # batched, not one each
+    for first, second in zip(opened, results[:30], strict=True):
+        assert second is not None and not second.duplicate
+        assert second.conversation_id == first.conversation_id
+    for key, first in zip(keys, opened, strict=True):
+        received = [
+            e.data.provider_message_id
+            for e in await stream(service, first.conversation_id)
+            if isinstance(e.data, MessageReceived)
+        ]
+        assert received == [f"{key}-0", f"{key}-1"]
+
+
+async def test_a_message_delivered_twice_in_one_batch_is_stored_once(
+    service: ConversationService,
+) -> None:
+    first = await service.receive_inbound("fb", "twice", msg("t-0"))
+    results = await asyncio.gather(
+        *(service.receive_inbound("fb", "twice", msg(f"t-{n // 2 + 1}")) for n in range(20))
+    )
+    assert sum(not r.duplicate for r in results) == 10
+    assert {r.conversation_id for r in results} == {first.conversation_id}
+    received = [
+        e.data.provider_message_id
+        for e in await stream(service, first.conversation_id)
+        if isinstance(e.data, MessageReceived)
+    ]
+    assert sorted(received) == sorted(f"t-{n}" for n in range(11))

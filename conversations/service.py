@@ -489,7 +489,7 @@ class ConversationService:
                 # statement), or the stream moved on since the read (the append's version
                 # check then fails and we retry).
                 async with conn.transaction():
-                    return await self._append_to_current(conn, inbound, found, now)
+                    return await self._append_to_current(conn, inbound, found, payload)
             if (
                 found.conversation_id is not None
                 and not found.deleted
@@ -498,38 +498,34 @@ class ConversationService:
                 )
             ):
                 async with conn.transaction():
-                    return await self._reopen_for(conn, inbound, found, now)
+                    return await self._reopen_for(conn, inbound, found, payload)
             # A new conversation: for a new key, or after a close the policy does not reopen.
-            return await self._open_for(conn, inbound, found, now)
+            return await self._open_for(conn, inbound, found, payload)
 
     def _received(
-        self, inbound: _Inbound, found: _Found, conversation_id: uuid.UUID, now: dt.datetime
+        self,
+        inbound: _Inbound,
+        found: _Found,
+        payload: MessageReceived,
+        conversation_id: uuid.UUID,
     ) -> NewEvent:
-        message = inbound.message
-        payload = MessageReceived(
-            conversation_id=conversation_id,
-            message_id=inbound.message_id,
-            provider=message.provider or found.channel,
-            provider_message_id=message.provider_message_id,
-            text=message.text,
-            sent_at=message.sent_at,
-            received_at=now,
-            attachments=message.attachments,
-            reply_to=message.reply_to,
-            quick_reply=message.quick_reply,
+        """The message as an event of ``conversation_id``, its provider defaulted."""
+        filled = msgspec.structs.replace(
+            payload, conversation_id=conversation_id, provider=payload.provider or found.channel
         )
-        return self._event(payload, event_id=inbound.message_id, **inbound.metadata)
+        return self._event(filled, event_id=inbound.message_id, **inbound.metadata)
 
     async def _append_to_current(
         self,
         conn: psycopg.AsyncConnection[Any],
         inbound: _Inbound,
         found: _Found,
-        now: dt.datetime,
+        payload: MessageReceived,
     ) -> InboundResult:
         conversation_id = found.conversation_id
         assert conversation_id is not None and found.stream_id is not None
-        events = [self._received(inbound, found, conversation_id, now)]
+        now = payload.received_at
+        events = [self._received(inbound, found, payload, conversation_id)]
         if found.status == "snoozed" and found.snooze_until_reply:
             unsnooze = ConversationUnsnoozed(conversation_id, "customer", now)
             events.insert(0, self._event(unsnooze, **inbound.metadata))
@@ -546,14 +542,15 @@ class ConversationService:
         conn: psycopg.AsyncConnection[Any],
         inbound: _Inbound,
         found: _Found,
-        now: dt.datetime,
+        payload: MessageReceived,
     ) -> InboundResult:
         conversation_id = found.conversation_id
         assert conversation_id is not None and found.stream_id is not None
+        now = payload.received_at
         reopen = self._event(
             ConversationReopened(conversation_id, "policy", now), **inbound.metadata
         )
-        received = self._received(inbound, found, conversation_id, now)
+        received = self._received(inbound, found, payload, conversation_id)
         await self.store.append(
             found.stream_id, [reopen, received], found.version or 0, connection=conn
         )
@@ -565,9 +562,10 @@ class ConversationService:
         conn: psycopg.AsyncConnection[Any],
         inbound: _Inbound,
         found: _Found,
-        now: dt.datetime,
+        payload: MessageReceived,
     ) -> InboundResult:
         """Open a conversation for the key in one statement (see ``_OPEN_CONVERSATION``)."""
+        now = payload.received_at
         new_contact = found.contact_id is None
         contact_id = uuid7() if found.contact_id is None else found.contact_id
         conversation_id = uuid7()
@@ -586,7 +584,7 @@ class ConversationService:
         }
         events = [
             ("opened", self._event(opened, **inbound.metadata)),
-            ("received", self._received(inbound, found, conversation_id, now)),
+            ("received", self._received(inbound, found, payload, conversation_id)),
         ]
         if new_contact:
             created = ContactCreated(contact_id, inbound.connection, inbound.psid, now)

@@ -9,10 +9,11 @@ Applying a batch
 Events are folded in memory, then written with a handful of set-based statements, never one
 statement per event (the catch-up goal is tens of thousands of events a second):
 
-1. load the rows the batch touches: its conversations, the messages its reads and edits name,
-   and the merges of the contacts it opens conversations for;
+1. take the rows the batch touches: its conversations, the messages its reads, edits and
+   deliveries name (from the applier's memory of recent batches, else loaded), and the merges
+   of the contacts it opens conversations for;
 2. fold every event in log order over those rows;
-3. write: new messages (one ``INSERT ... SELECT FROM unnest``), edits of older messages, the
+3. write: new messages (one binary ``COPY``), edits and deliveries of older messages, the
    touched conversations (one upsert), merges, count deltas, in the caller's transaction.
 
 The result depends only on the events, never on how they were cut into batches or on the
@@ -454,11 +455,6 @@ class _RawJsonbBinaryDumper(Dumper):
 _MESSAGE_TYPES: Final = [typ for _, typ in _MESSAGE_COLUMNS]
 
 
-def _sql(template: str, **parts: sql.Composable) -> bytes:
-    """A statement with its identifiers filled in, as the bytes psycopg sends."""
-    return sql.SQL(template).format(**parts).as_bytes(None)
-
-
 def _columns(spec: Iterable[tuple[str, str]]) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(name) for name, _ in spec)
 
@@ -474,8 +470,7 @@ def _unnest(spec: Iterable[tuple[str, str]]) -> sql.Composed:
 
 
 class _Statements:
-    """The statements of one schema, composed once and kept as bytes (psycopg would compose
-    them again at every execution)."""
+    """The statements of one schema, composed once and reused for every batch."""
 
     def __init__(self, schema: str) -> None:
         conversations = sql.Identifier(schema, "conversations")
@@ -484,26 +479,21 @@ class _Statements:
         merges = sql.Identifier(schema, "contact_merges")
         conversation_columns = _columns(_CONVERSATION_COLUMNS)
         message_columns = _columns(_MESSAGE_COLUMNS)
-        self.load_conversations = _sql(
-            "SELECT {cols} FROM {t} WHERE conversation_id = ANY(%b::uuid[])",
-            cols=conversation_columns,
-            t=conversations,
-        )
-        self.load_messages = _sql(
-            "SELECT {cols} FROM {t} WHERE message_id = ANY(%b::uuid[])",
-            cols=message_columns,
-            t=messages,
-        )
-        self.load_merges = _sql(
+        self.load_conversations = sql.SQL(
+            "SELECT {cols} FROM {t} WHERE conversation_id = ANY(%b::uuid[])"
+        ).format(cols=conversation_columns, t=conversations)
+        self.load_messages = sql.SQL(
+            "SELECT {cols} FROM {t} WHERE message_id = ANY(%b::uuid[])"
+        ).format(cols=message_columns, t=messages)
+        self.load_merges = sql.SQL(
             "SELECT from_contact_id, into_contact_id FROM {t}"
-            " WHERE from_contact_id = ANY(%b::uuid[])",
-            t=merges,
-        )
+            " WHERE from_contact_id = ANY(%b::uuid[])"
+        ).format(t=merges)
         # COPY: several times cheaper than INSERT, for this process and for the server.
-        self.copy_messages = _sql(
-            "COPY {t} ({cols}) FROM STDIN (FORMAT BINARY)", t=messages, cols=message_columns
+        self.copy_messages = sql.SQL("COPY {t} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+            t=messages, cols=message_columns
         )
-        self.update_messages = _sql(
+        self.update_messages = sql.SQL(
             "UPDATE {t} AS m SET text = u.text, edited_at = u.edited_at,"
             " delivery_status = u.status, delivery_attempts = u.attempts,"
             " delivery_error = u.error, delivered_at = u.delivered_at,"
@@ -511,49 +501,45 @@ class _Statements:
             " FROM unnest(%b::uuid[], %b::text[], %b::timestamptz[], %b::text[], %b::integer[],"
             " %b::text[], %b::timestamptz[], %b::text[]) AS u(message_id, text, edited_at, status,"
             " attempts, error, delivered_at, provider_message_id)"
-            " WHERE m.message_id = u.message_id",
-            t=messages,
-        )
+            " WHERE m.message_id = u.message_id"
+        ).format(t=messages)
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(name))
             for name, _ in _CONVERSATION_COLUMNS[1:]
         )
-        self.upsert_conversations = _sql(
+        self.upsert_conversations = sql.SQL(
             "INSERT INTO {t} ({cols}) SELECT * FROM {src}"
-            " ON CONFLICT (conversation_id) DO UPDATE SET {updates}",
+            " ON CONFLICT (conversation_id) DO UPDATE SET {updates}"
+        ).format(
             t=conversations,
             cols=conversation_columns,
             src=_unnest(_CONVERSATION_COLUMNS),
             updates=updates,
         )
-        self.add_counts = _sql(
+        self.add_counts = sql.SQL(
             "INSERT INTO {t} AS c (connection, status, conversations)"
             " SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])"
             " ON CONFLICT (connection, status)"
-            " DO UPDATE SET conversations = c.conversations + EXCLUDED.conversations",
-            t=counts,
-        )
+            " DO UPDATE SET conversations = c.conversations + EXCLUDED.conversations"
+        ).format(t=counts)
         # Zero rows are dropped so the table's rows do not depend on batch boundaries.
-        self.drop_zero_counts = _sql(
+        self.drop_zero_counts = sql.SQL(
             "DELETE FROM {t} WHERE conversations = 0"
-            " AND (connection, status) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
-            t=counts,
-        )
-        self.insert_merge = _sql(
+            " AND (connection, status) IN (SELECT * FROM unnest(%b::text[], %b::text[]))"
+        ).format(t=counts)
+        self.insert_merge = sql.SQL(
             "INSERT INTO {t} (from_contact_id, into_contact_id, merged_at) VALUES (%s, %s, %s)"
             " ON CONFLICT (from_contact_id) DO UPDATE"
-            " SET into_contact_id = EXCLUDED.into_contact_id, merged_at = EXCLUDED.merged_at",
-            t=merges,
-        )
+            " SET into_contact_id = EXCLUDED.into_contact_id, merged_at = EXCLUDED.merged_at"
+        ).format(t=merges)
         # Earlier merges into the merged contact now lead to the survivor (one hop to resolve).
-        self.forward_merges = _sql(
-            "UPDATE {t} SET into_contact_id = %s WHERE into_contact_id = %s", t=merges
-        )
-        self.move_conversations = _sql(
+        self.forward_merges = sql.SQL(
+            "UPDATE {t} SET into_contact_id = %s WHERE into_contact_id = %s"
+        ).format(t=merges)
+        self.move_conversations = sql.SQL(
             "UPDATE {t} SET contact_id = %s"
-            " WHERE (contact_id = %s OR conversation_id = ANY(%b::uuid[])) AND contact_id <> %s",
-            t=conversations,
-        )
+            " WHERE (contact_id = %s OR conversation_id = ANY(%b::uuid[])) AND contact_id <> %s"
+        ).format(t=conversations)
 
 
 class _Memory:
@@ -569,7 +555,7 @@ class _Memory:
     __slots__ = ("conversations", "merged", "messages")
 
     #: Rows kept of each kind (the forgetting happens once twice as many are held).
-    LIMIT: ClassVar[int] = 5_000
+    LIMIT: ClassVar[int] = 2_000
 
     def __init__(self) -> None:
         self.conversations: dict[uuid.UUID, _Conversation] = {}
@@ -603,6 +589,10 @@ class _Memory:
             self.conversations = dict(list(conversations.items())[-self.LIMIT :])
         if len(messages) > 2 * self.LIMIT:
             self.messages = dict(list(messages.items())[-self.LIMIT :])
+        if len(self.merged) > self.LIMIT:
+            # Merges only matter to remembered conversations: forget both, not grow for ever.
+            self.conversations = {}
+            self.merged = {}
 
 
 class _Batch:
@@ -935,7 +925,7 @@ class InboxProjection(Projection):
 
 
 async def _copy_messages(
-    conn: psycopg.AsyncConnection[Any], statement: bytes, messages: Iterable[_Message]
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, messages: Iterable[_Message]
 ) -> None:
     """Insert a batch's messages with a binary COPY."""
     async with conn.cursor() as cur:

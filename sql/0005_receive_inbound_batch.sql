@@ -57,6 +57,9 @@ BEGIN
         LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
         LEFT JOIN streams s ON s.stream_id = r.stream_id
         LEFT JOIN contact_keys k ON k.connection = c.name AND k.psid = i.psid
+        -- Streams are moved in this order, so two batches in flight that share streams lock
+        -- them in the same order and cannot deadlock on them.
+        ORDER BY r.stream_id
     ),
     -- Two deliveries for one stream cannot both move it: an UPDATE moves a row once per
     -- statement. The other comes back not appended, and its caller takes the general path.

@@ -203,6 +203,9 @@ async def metrics(request: web.Request) -> web.Response:
     stats = app[SERVICE].stats
     m.conflicts_retried.set(stats.conflicts_retried)
     m.duplicates_dropped.set(stats.duplicates_dropped)
+    batcher = app[SERVICE].batcher
+    m.inbound_statements.set(batcher.statements)
+    m.inbound_deliveries.set(batcher.deliveries)
     await m.delivery.refresh(app[POOL])
     return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
 

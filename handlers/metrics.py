@@ -117,6 +117,16 @@ class Metrics:
             "Redelivered messages recognised and stored once, since start",
             registry=self.registry,
         )
+        self.inbound_statements = Gauge(
+            "convstore_inbound_statements",
+            "Statements that stored inbound messages since start (see inbound_deliveries)",
+            registry=self.registry,
+        )
+        self.inbound_deliveries = Gauge(
+            "convstore_inbound_deliveries",
+            "Inbound deliveries those statements carried (shared by concurrent deliveries)",
+            registry=self.registry,
+        )
         self.unknown_entries = Counter(
             "convstore_webhook_unknown_entries",
             "Webhook entries for ids no connection is registered for (skipped)",

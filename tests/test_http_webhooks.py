@@ -377,6 +377,10 @@ async def test_meta_concurrent_first_messages_make_one_conversation(
     received = [e.data.provider_message_id for e in conversation if e.type == "MessageReceived"]
     assert sorted(received) == sorted(f"m_{n}" for n in range(50))
     assert [e.type for e in conversation].count("ConversationOpened") == 1
+    # Every delivery went through the shared statement at least once; /metrics shows how many
+    # statements carried them.
+    assert await metric(http, "convstore_inbound_deliveries") >= 50
+    assert await metric(http, "convstore_inbound_statements") >= 1
 
 
 async def test_meta_bad_bodies_get_clear_4xx(

@@ -25,6 +25,7 @@ from eventstore import (
     NO_STREAM,
     DuplicateEvent,
     EventStore,
+    InvalidAppend,
     NewEvent,
     WrongExpectedVersion,
     deterministic_id,
@@ -423,13 +424,12 @@ class ConversationService:
                 continue
             except (_Retry, WrongExpectedVersion, DuplicateEvent):
                 pass
-            except pg_errors.DataError as exc:
-                # Class 22 (by SQLSTATE): a value jsonb cannot hold (a \u0000 escape in an
-                # attachment or in metadata). Nothing was stored.
+            except (pg_errors.DataError, InvalidAppend) as exc:
+                # Class 22 (by SQLSTATE; the store reports it as InvalidAppend): a value jsonb
+                # cannot hold (a \u0000 escape in an attachment or in metadata). Nothing was
+                # stored.
                 raise InvalidCommand(
-                    f"the message cannot be stored: PostgreSQL refused its data"
-                    f" (SQLSTATE {exc.sqlstate})",
-                    field="message",
+                    "the message cannot be stored: PostgreSQL refused its data", field="message"
                 ) from exc
             except psycopg.Error as exc:
                 _raise_unless_retryable(exc)

@@ -489,7 +489,9 @@ class ConversationService:
                 # statement), or the stream moved on since the read (the append's version
                 # check then fails and we retry).
                 async with conn.transaction():
-                    return await self._append_to_current(conn, inbound, found, payload)
+                    return await self._append_to_current(
+                        conn, inbound, found, payload, reopen=False
+                    )
             if (
                 found.conversation_id is not None
                 and not found.deleted
@@ -498,7 +500,7 @@ class ConversationService:
                 )
             ):
                 async with conn.transaction():
-                    return await self._reopen_for(conn, inbound, found, payload)
+                    return await self._append_to_current(conn, inbound, found, payload, reopen=True)
             # A new conversation: for a new key, or after a close the policy does not reopen.
             return await self._open_for(conn, inbound, found, payload)
 
@@ -521,41 +523,25 @@ class ConversationService:
         inbound: _Inbound,
         found: _Found,
         payload: MessageReceived,
+        *,
+        reopen: bool,
     ) -> InboundResult:
+        """Append to the key's current conversation, reopening it (by the connection's policy)
+        or waking it from a snooze that waited for the customer's next message first."""
         conversation_id = found.conversation_id
         assert conversation_id is not None and found.stream_id is not None
         now = payload.received_at
         events = [self._received(inbound, found, payload, conversation_id)]
-        if found.status == "snoozed" and found.snooze_until_reply:
-            unsnooze = ConversationUnsnoozed(conversation_id, "customer", now)
-            events.insert(0, self._event(unsnooze, **inbound.metadata))
-            await conn.execute(
-                "UPDATE conversations SET status = 'open', snoozed_until = NULL,"
-                " snooze_until_reply = false WHERE conversation_id = %s",
-                (conversation_id,),
-            )
+        first: msgspec.Struct | None = None
+        if reopen:
+            first = ConversationReopened(conversation_id, "policy", now)
+        elif found.status == "snoozed" and found.snooze_until_reply:
+            first = ConversationUnsnoozed(conversation_id, "customer", now)
+        if first is not None:
+            events.insert(0, self._event(first, **inbound.metadata))
+            await self._set_open(conn, conversation_id)
         await self.store.append(found.stream_id, events, found.version or 0, connection=conn)
-        return InboundResult(conversation_id, inbound.message_id, found.contact_id)
-
-    async def _reopen_for(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        inbound: _Inbound,
-        found: _Found,
-        payload: MessageReceived,
-    ) -> InboundResult:
-        conversation_id = found.conversation_id
-        assert conversation_id is not None and found.stream_id is not None
-        now = payload.received_at
-        reopen = self._event(
-            ConversationReopened(conversation_id, "policy", now), **inbound.metadata
-        )
-        received = self._received(inbound, found, payload, conversation_id)
-        await self.store.append(
-            found.stream_id, [reopen, received], found.version or 0, connection=conn
-        )
-        await self._set_open(conn, conversation_id)
-        return InboundResult(conversation_id, inbound.message_id, found.contact_id, reopened=True)
+        return InboundResult(conversation_id, inbound.message_id, found.contact_id, reopened=reopen)
 
     async def _open_for(
         self,

@@ -32,7 +32,14 @@ from typing import Any, Final, NamedTuple
 
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["RECEIVE_MANY", "BatchFailed", "InboundBatcher", "InboundRow"]
+__all__ = [
+    "RECEIVE_MANY",
+    "RECEIVE_ONE",
+    "BatchFailed",
+    "InboundBatcher",
+    "InboundRow",
+    "receive_many",
+]
 
 #: One row per delivery that names a registered connection: its index in the batch, whether it
 #: was appended, then the key as read (``conversations.service._Found``'s columns). The
@@ -98,7 +105,7 @@ class BatchFailed(Exception):
     """The batch's statement failed as a whole; run this delivery alone."""
 
 
-def params_of(rows: list[InboundRow]) -> dict[str, list[Any]]:
+def _params_of(rows: list[InboundRow]) -> dict[str, list[Any]]:
     """The statement's array parameters for ``rows``."""
     return {
         "connections": [r.connection for r in rows],
@@ -134,7 +141,7 @@ async def receive_many(
             found = await cur.fetchone()
         return [None if found is None else tuple(found)]
     async with pool.connection() as conn:
-        cur = await conn.execute(RECEIVE_MANY, params_of(rows))
+        cur = await conn.execute(RECEIVE_MANY, _params_of(rows))
         results: list[tuple[Any, ...] | None] = [None] * len(rows)
         for row in await cur.fetchall():
             results[row[0] - 1] = tuple(row[1:])

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from conversations.connections import add_connection
+from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
 from conversations.service import ConversationService, InboundMessage
@@ -379,3 +379,19 @@ async def test_a_message_delivered_twice_in_one_batch_is_stored_once(
         if isinstance(e.data, MessageReceived)
     ]
     assert sorted(received) == sorted(f"t-{n}" for n in range(11))
+
+
+async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_miss(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    cache = ConnectionCache(pool, ttl=0.2)
+    assert await cache.find("messenger", "page-9") is None
+    await add_connection(pool, "late", channel="messenger", external_id="page-9", app_secret="a")
+    found = await cache.find("messenger", "page-9")  # the miss was not kept: it routes at once
+    assert found is not None and found.name == "late"
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE connections SET app_secret = 'b' WHERE name = 'late'")
+    assert (await cache.get("late")).app_secret == "a"  # kept for the ttl
+    await asyncio.sleep(0.25)
+    assert (await cache.get("late")).app_secret == "b"
+    assert (await cache.find("messenger", "page-9")) == await cache.get("late")

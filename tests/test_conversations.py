@@ -395,3 +395,30 @@ async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_
     await asyncio.sleep(0.25)
     assert (await cache.get("late")).app_secret == "b"
     assert (await cache.find("messenger", "page-9")) == await cache.get("late")
+
+
+async def test_a_caller_cancelled_while_its_batch_waits_leaves_the_others_alone(
+    service: ConversationService,
+) -> None:
+    keys = [f"cancel-{n}" for n in range(8)]
+    opened = await asyncio.gather(*(service.receive_inbound("fb", k, msg(f"{k}-0")) for k in keys))
+    service.batcher.max_in_flight = 1  # the first runs alone, the rest wait as one batch
+    tasks = [asyncio.create_task(service.receive_inbound("fb", k, msg(f"{k}-1"))) for k in keys]
+    await asyncio.sleep(0)
+    tasks[3].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[3], asyncio.CancelledError)
+    for n, (first, result) in enumerate(zip(opened, results, strict=True)):
+        if n != 3:
+            assert not isinstance(result, BaseException)
+            assert result.conversation_id == first.conversation_id and not result.duplicate
+    # The cancelled caller's message went with its batch (as a request cut off after it was
+    # sent may be stored); a redelivery finds it stored once.
+    again = await service.receive_inbound("fb", keys[3], msg(f"{keys[3]}-1"))
+    received = [
+        e.data.provider_message_id
+        for e in await stream(service, opened[3].conversation_id)
+        if isinstance(e.data, MessageReceived)
+    ]
+    assert received.count(f"{keys[3]}-1") == 1
+    assert again.conversation_id == opened[3].conversation_id

@@ -127,17 +127,8 @@ async def receive_many(
     if len(rows) == 1:
         (one,) = rows
         async with pool.connection() as conn:
-            cur = await conn.execute(
-                RECEIVE_ONE,
-                {
-                    "connection": one.connection,
-                    "psid": one.psid,
-                    "event_id": one.event_id,
-                    "data": one.data,
-                    "provider": one.provider,
-                    "metadata": one.metadata,
-                },
-            )
+            # The row's field names are the statement's parameter names.
+            cur = await conn.execute(RECEIVE_ONE, one._asdict())
             found = await cur.fetchone()
         return [None if found is None else tuple(found)]
     async with pool.connection() as conn:

@@ -370,9 +370,13 @@ class ConversationService:
                 pass
             except psycopg.Error as exc:
                 _raise_unless_retryable(exc)
-            self.stats.conflicts_retried += 1
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
+            await self._lost_race(n)
         raise RetriesExhausted(command, _ATTEMPTS)
+
+    async def _lost_race(self, attempt: int) -> None:
+        """Count a lost race and back off (jittered, growing) before attempt ``attempt + 1``."""
+        self.stats.conflicts_retried += 1
+        await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
 
     @staticmethod
     async def _one(
@@ -437,8 +441,7 @@ class ConversationService:
                 if not result.duplicate:
                     self.store.wake_subscribers()
                 return result
-            self.stats.conflicts_retried += 1
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**n)))
+            await self._lost_race(n)
         raise RetriesExhausted("receive_inbound", _ATTEMPTS)
 
     async def _receive_once(self, inbound: _Inbound, alone: bool) -> InboundResult:

@@ -312,6 +312,10 @@ class _Conversation(msgspec.Struct, gc=False):
         """Where this row counts in ``counts``: nowhere once deleted."""
         return None if self.deleted_at is not None else (self.connection, self.status)
 
+    def row(self) -> tuple[Any, ...]:
+        """The values of the table's columns (all but ``counted``)."""
+        return msgspec.structs.astuple(self)[:-1]
+
 
 class _Message(msgspec.Struct, gc=False):
     """One message row: the table's columns in order, then the attachments' types.
@@ -890,10 +894,10 @@ class InboxProjection(Projection):
                 message.text, message.attachment_types
             )
         if batch.conversations:
-            rows = [msgspec.structs.astuple(c) for c in batch.conversations.values()]
-            # The last column is ``counted``, which the table does not have.
-            columns = list(zip(*rows, strict=True))[:-1]
-            await conn.execute(st.upsert_conversations, [list(col) for col in columns])
+            rows = [conv.row() for conv in batch.conversations.values()]
+            await conn.execute(
+                st.upsert_conversations, [list(col) for col in zip(*rows, strict=True)]
+            )
         for merge in batch.merge_log:
             await conn.execute(
                 st.insert_merge, (merge.from_contact_id, merge.into_contact_id, merge.merged_at)

@@ -10,19 +10,21 @@ after the statement committed.
 
 The statement is ``receive_inbound``'s first step for each delivery: read the key (its
 connection, current conversation, stream version, contact, and whether the message is already
-stored) and, when the conversation is open, move its stream one version on and insert the
-message. It has two forms: :data:`RECEIVE_ONE` with scalar parameters for a delivery alone, and
-the ``receive_inbound_batch`` function (``sql/0005``) over arrays for a batch. They are kept
+stored) and, when the conversation is open, insert the message at the stream's next version.
+It has two forms: :data:`RECEIVE_ONE` with scalar parameters for a delivery alone, and the
+``receive_inbound_batch`` function (``sql/0006``, first in ``0005``) over arrays for a batch.
+They are kept
 apart because each is cheapest for its case: PostgreSQL re-planned the array form on every
 execution as a prepared statement, so it lives in a function pinned to a generic plan, and
 that plan with its function call costs a lone delivery about 40% more server time than the
 scalar statement.
 
-Two deliveries for the same stream in one batch cannot both move it (an UPDATE moves a row once
-per statement): the one that did not comes back "not appended" and its caller takes the
-general path, as after any lost race. When a batch's statement fails as a whole (a unique
-violation raised by one delivery), every caller in it is told so with :class:`BatchFailed` and
-runs its delivery alone, so an error reaches only the delivery that caused it.
+Deliveries for the same stream in one batch take its next versions in batch order; two of one
+message go in once. A delivery that read a version another statement took meanwhile fails on
+the ``events_stream_version_key`` unique index, as any lost race does, and its caller retries
+from a fresh read. When a batch's statement fails as a whole (such a unique violation, raised
+by one delivery), every caller in it is told so with :class:`BatchFailed` and runs its delivery
+alone, so an error reaches only the delivery that caused it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ __all__ = [
 
 #: One row per delivery that names a registered connection: its index in the batch, whether it
 #: was appended, then the key as read (``conversations.service._Found``'s columns). The
-#: statement itself is ``receive_inbound_batch`` in ``sql/0005_receive_inbound_batch.sql``.
+#: statement itself is ``receive_inbound_batch`` (``sql/0006_stream_versions_from_events.sql``).
 RECEIVE_MANY: Final = """
 SELECT * FROM receive_inbound_batch(
     %(connections)b::text[], %(psids)b::text[], %(event_ids)b::uuid[],
@@ -59,31 +61,27 @@ WITH found AS (
     SELECT c.channel, c.reopen_policy, c.reopen_window,
            r.conversation_id, r.stream_id,
            v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
-           s.version, k.contact_id,
+           (SELECT max(m.stream_version) FROM events m WHERE m.stream_id = r.stream_id)
+               AS version,
+           k.contact_id,
            (SELECT e.stream_id FROM events e WHERE e.event_id = %(event_id)s) AS stored_in
     FROM connections c
     LEFT JOIN stream_reservations r ON r.connection = c.name AND r.psid = %(psid)s
     LEFT JOIN conversations v ON v.conversation_id = r.conversation_id
-    LEFT JOIN streams s ON s.stream_id = r.stream_id
     LEFT JOIN contact_keys k ON k.connection = c.name AND k.psid = %(psid)s
     WHERE c.name = %(connection)s
 ),
-bumped AS (
-    UPDATE streams s SET version = s.version + 1, updated_at = now()
-    FROM found f
-    WHERE s.stream_id = f.stream_id AND s.version = f.version AND s.state = 'active'
-      AND f.stored_in IS NULL
-      AND (f.status = 'open' OR (f.status = 'snoozed' AND NOT f.snooze_until_reply))
-    RETURNING s.stream_id, s.version
-),
 appended AS (
     INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
-    SELECT %(event_id)s, b.stream_id, b.version, 'conversation', 'MessageReceived',
+    SELECT %(event_id)s, f.stream_id, f.version + 1, 'conversation', 'MessageReceived',
            %(data)s::jsonb || jsonb_build_object(
                'conversation_id', f.conversation_id,
                'provider', COALESCE(%(provider)s::text, f.channel)),
            %(metadata)s::jsonb
-    FROM bumped b, found f
+    FROM found f
+    WHERE f.stored_in IS NULL
+      AND (f.status = 'open' OR (f.status = 'snoozed' AND NOT f.snooze_until_reply))
+      AND EXISTS (SELECT FROM streams s WHERE s.stream_id = f.stream_id AND s.state = 'active')
     RETURNING 1
 )
 SELECT EXISTS (SELECT FROM appended), f.* FROM found f

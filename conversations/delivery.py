@@ -374,13 +374,14 @@ WHERE e.event_id = ANY(%s) AND e.type = 'MessageSent'
 
 # The stream's version and the reply's delivery events, in one statement (one snapshot).
 _REPLY_STATE = """
-SELECT s.version, e.type, e.data FROM streams s
+SELECT s.version, e.type, e.data
+FROM (SELECT max(v.stream_version) AS version FROM events v WHERE v.stream_id = %(stream)s) AS s
 LEFT JOIN LATERAL (
     SELECT d.type, d.data, d.stream_version FROM events d
-    WHERE d.stream_id = s.stream_id AND d.stream_version > %(after)s
+    WHERE d.stream_id = %(stream)s AND d.stream_version > %(after)s
       AND d.type = ANY(%(types)s) AND d.data ->> 'message_id' = %(message)s
 ) AS e ON true
-WHERE s.stream_id = %(stream)s
+WHERE s.version IS NOT NULL
 ORDER BY e.stream_version
 """
 

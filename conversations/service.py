@@ -166,6 +166,7 @@ _RETRYABLE_CONSTRAINTS: Final = frozenset(
         "contacts_client_id_key",
         "streams_pkey",
         "events_event_id_key",
+        "events_stream_version_key",
     }
 )
 
@@ -273,14 +274,14 @@ opened AS (
 ),
 """
 
-# The conversation's stream (at version 2) and its two events; a new contact's stream and its
+# The conversation's stream and its two events (versions 1 and 2); a new contact's stream and its
 # ContactCreated come first. Scalar parameters, not arrays: PostgreSQL then settles on one
 # generic plan for the prepared statement instead of planning it on every execution.
 _STREAMS_AND_EVENTS: Final[dict[bool, LiteralString]] = {
     False: """
 streams_made AS (
-    INSERT INTO streams (stream_id, category, version)
-    SELECT %(stream_id)s, 'conversation', 2 FROM opened
+    INSERT INTO streams (stream_id, category)
+    SELECT %(stream_id)s, 'conversation' FROM opened
 )
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
 SELECT e.event_id, %(stream_id)s, e.version, 'conversation', e.type, e.data, e.metadata
@@ -295,11 +296,11 @@ RETURNING position
 """,
     True: """
 streams_made AS (
-    INSERT INTO streams (stream_id, category, version)
-    SELECT n.stream_id, n.category, n.version
+    INSERT INTO streams (stream_id, category)
+    SELECT n.stream_id, n.category
     FROM opened,
-         (VALUES (%(contact_stream)s::text, 'contact', 1), (%(stream_id)s::text, 'conversation', 2))
-            AS n(stream_id, category, version)
+         (VALUES (%(contact_stream)s::text, 'contact'), (%(stream_id)s::text, 'conversation'))
+            AS n(stream_id, category)
 )
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
 SELECT e.event_id, e.stream_id, e.version, e.category, e.type, e.data, e.metadata
@@ -337,8 +338,9 @@ WHERE v.connection = %s AND v.psid = %s
 
 _CONVERSATION = """
 SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id, v.status,
-       v.deleted, v.opened_at, v.closed_at, v.snoozed_until, v.snooze_until_reply, s.version
-FROM conversations v JOIN streams s ON s.stream_id = v.stream_id
+       v.deleted, v.opened_at, v.closed_at, v.snoozed_until, v.snooze_until_reply,
+       (SELECT max(e.stream_version) FROM events e WHERE e.stream_id = v.stream_id)
+FROM conversations v
 WHERE v.conversation_id = %s
 """
 
@@ -615,8 +617,8 @@ class ConversationService:
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:
             row = await self._one(
                 conn,
-                "SELECT e.stream_id, s.version FROM events e JOIN streams s USING (stream_id)"
-                " WHERE e.event_id = %s",
+                "SELECT e.stream_id, (SELECT max(m.stream_version) FROM events m"
+                " WHERE m.stream_id = e.stream_id) FROM events e WHERE e.event_id = %s",
                 (message_id,),
             )
             if row is None:
@@ -954,10 +956,10 @@ class ConversationService:
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:
             row = await self._one(
                 conn,
-                "SELECT r.conversation_id, r.stream_id, s.version,"
+                "SELECT r.conversation_id, r.stream_id,"
+                " (SELECT max(m.stream_version) FROM events m WHERE m.stream_id = r.stream_id),"
                 " (SELECT 1 FROM events e WHERE e.event_id = %s)"
-                " FROM stream_reservations r JOIN streams s ON s.stream_id = r.stream_id"
-                " WHERE r.connection = %s AND r.psid = %s",
+                " FROM stream_reservations r WHERE r.connection = %s AND r.psid = %s",
                 (message_id, connection, psid),
             )
             if row is None:
@@ -1062,8 +1064,8 @@ class ConversationService:
                 cur = await conn.execute(
                     "SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id,"
                     " v.status, v.deleted, v.opened_at, v.closed_at, v.snoozed_until,"
-                    " v.snooze_until_reply, s.version FROM conversations v"
-                    " JOIN streams s ON s.stream_id = v.stream_id"
+                    " v.snooze_until_reply, (SELECT max(e.stream_version) FROM events e"
+                    " WHERE e.stream_id = v.stream_id) FROM conversations v"
                     " WHERE v.contact_id = %s ORDER BY v.opened_at DESC, v.conversation_id DESC",
                     (contact_id,),
                 )

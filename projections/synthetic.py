@@ -271,9 +271,7 @@ async def copy_into_log(
     if rows:
         await flush()
     async with conn.transaction():
-        async with conn.cursor().copy(
-            "COPY streams (stream_id, category, version) FROM STDIN"
-        ) as copy:
-            for stream_id, version in versions.items():
-                await copy.write_row((stream_id, category_of(stream_id), version))
+        async with conn.cursor().copy("COPY streams (stream_id, category) FROM STDIN") as copy:
+            for stream_id in versions:
+                await copy.write_row((stream_id, category_of(stream_id)))
     return total

@@ -70,7 +70,7 @@ COPY events (event_id, stream_id, stream_version, category, type, data, metadata
 """
 
 _INSERT_STREAM: LiteralString = """
-INSERT INTO streams (stream_id, category, version) VALUES (%s, %s, %s)
+INSERT INTO streams (stream_id, category) VALUES (%s, %s)
 """
 
 _VISIBLE_BEHIND: LiteralString = """
@@ -114,7 +114,7 @@ async def _load(ctx: BenchContext, missing: int) -> None:
 
     Loading is setup, not measured, so it bypasses the store for speed (COPY costs the client a
     few µs an event); the rows are what the store would write (same payload and metadata JSON,
-    uuid7 ids, streams rows with their versions), with one transaction id per 500 events.
+    uuid7 ids, a streams row each), with one transaction id per 500 events.
     """
     pool = await ctx.pool(_LOAD_WORKERS)
     workload = ctx.workload
@@ -126,7 +126,7 @@ async def _load(ctx: BenchContext, missing: int) -> None:
         nonlocal remaining, counter
         async with pool.connection() as conn:
             while remaining > 0:
-                streams: list[tuple[str, str, int]] = []
+                streams: list[tuple[str, str]] = []
                 async with conn.transaction():
                     async with conn.cursor().copy(_COPY_EVENTS) as copy:
                         for _ in range(_LOAD_STREAMS_PER_TRANSACTION):
@@ -135,7 +135,7 @@ async def _load(ctx: BenchContext, missing: int) -> None:
                                 break
                             remaining -= n
                             stream = workload.stream_name()
-                            streams.append((stream, CATEGORY, n))
+                            streams.append((stream, CATEGORY))
                             for version in range(1, n + 1):
                                 payload, metadata = workload.item(counter)
                                 counter += 1

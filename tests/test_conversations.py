@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from conversations.batching import InboundRow, receive_many
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
 from conversations.service import ConversationService, InboundMessage
-from eventstore import EventStore, RecordedEvent, WrongExpectedVersion
+from eventstore import EventStore, RecordedEvent, WrongExpectedVersion, uuid7
 from tests.conftest import wait_for_fence
 
 
@@ -379,6 +380,30 @@ async def test_a_message_delivered_twice_in_one_batch_is_stored_once(
         if isinstance(e.data, MessageReceived)
     ]
     assert sorted(received) == sorted(f"t-{n}" for n in range(11))
+
+
+async def test_one_batch_appends_several_messages_of_one_conversation_in_batch_order(
+    service: ConversationService,
+) -> None:
+    first = await service.receive_inbound("fb", "busy", msg("b-0"))
+    ids = [uuid7() for _ in range(4)]
+    rows = [
+        InboundRow("fb", "busy", event_id, '{"text": "x"}', None, "{}")
+        for event_id in [ids[0], ids[1], ids[0], ids[2], ids[3]]  # ids[0] delivered twice
+    ]
+    results = await receive_many(service.pool, rows)
+    # Every distinct message goes in at once (no retry on the general path); the second
+    # delivery of ids[0] does not.
+    assert [r is not None and r[0] for r in results] == [True, True, False, True, True]
+    async with service.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT event_id, stream_version FROM events WHERE stream_id = %s"
+            " ORDER BY stream_version",
+            (f"conversation-{first.conversation_id}",),
+        )
+        stored = await cur.fetchall()
+    assert [version for _, version in stored] == [1, 2, 3, 4, 5, 6]
+    assert [event_id for event_id, _ in stored[2:]] == ids
 
 
 async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_miss(

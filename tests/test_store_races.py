@@ -26,6 +26,7 @@ from eventstore import (
     ANY,
     NO_STREAM,
     START,
+    STREAM_EXISTS,
     EventStore,
     ExpectedVersion,
     NewEvent,
@@ -164,6 +165,62 @@ async def test_concurrent_retries_of_one_batch_store_it_once(
         assert [e.event_id for e in recorded[base:]] == [e.event_id for e in batch]
         assert results[0].version == base + 3 == await store.stream_version("dup-1")
         assert len(await read_everything(store)) == base + 3
+    finally:
+        await store.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("mode", [ANY, STREAM_EXISTS], ids=lambda m: f"expected-{m!r}")
+async def test_any_and_stream_exists_appends_racing_on_one_stream_never_conflict(
+    database_url: str, mode: ExpectedVersion
+) -> None:
+    """Versions come from the (stream, version) unique index: racers that read the same
+    version collide on it, and these modes retry until each batch lands whole."""
+    pool = await open_pool(database_url, min_size=4, max_size=WRITERS)
+    store = EventStore(pool)
+    try:
+        await store.append("crowd-1", [ev(n=-1)], NO_STREAM)
+        batches = [[ev(writer=w, n=n) for n in range(1 + w % 3)] for w in range(WRITERS)]
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(*(store.append("crowd-1", b, mode) for b in batches))
+        recorded = await store.read_stream("crowd-1")
+        count = 1 + sum(len(b) for b in batches)
+        assert [e.stream_version for e in recorded] == list(range(1, count + 1))
+        version_of = {e.event_id: e.stream_version for e in recorded}
+        for batch in batches:
+            versions = [version_of[e.event_id] for e in batch]
+            assert versions == list(range(versions[0], versions[0] + len(batch)))
+    finally:
+        await store.close()
+        await pool.close()
+
+
+async def test_an_exact_append_that_loses_a_race_in_a_transaction_is_a_conflict(
+    database_url: str,
+) -> None:
+    """The loser waits for the winner's uncommitted version, then fails on it: its own
+    transaction is aborted, and the error says the stream is past the expected version."""
+    pool = await open_pool(database_url, min_size=2, max_size=4)
+    store = EventStore(pool)
+    try:
+        await store.append("duel-1", [ev(n=0)], NO_STREAM)
+        async with connect(database_url) as winner, connect(database_url) as loser:
+            # Transactions by hand: the winner must commit while the loser's append waits.
+            await winner.execute("BEGIN")
+            await store.append("duel-1", [ev(n="winner")], 1, connection=winner)
+            await loser.execute("BEGIN")
+            lost = asyncio.create_task(store.append("duel-1", [ev(n="loser")], 1, connection=loser))
+            await asyncio.sleep(0.3)
+            assert not lost.done()  # it waits for the winner's index entry
+            await winner.execute("COMMIT")
+            with pytest.raises(WrongExpectedVersion) as conflict:
+                await lost
+            assert (conflict.value.expected, conflict.value.actual) == (1, 2)
+            await loser.execute("ROLLBACK")
+        assert [e.data for e in await store.read_stream("duel-1")] == [
+            {"n": 0},
+            {"n": "winner"},
+        ]
     finally:
         await store.close()
         await pool.close()

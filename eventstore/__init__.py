@@ -19,7 +19,7 @@ from .errors import (
     WrongExpectedVersion,
 )
 from .ids import deterministic_id, uuid7
-from .migrations import check_schema, migrate, schema_status
+from .migrations import check_schema, migrate, require_current_schema, schema_status
 from .records import (
     ANY,
     NO_STREAM,
@@ -64,6 +64,7 @@ __all__ = [
     "deterministic_id",
     "migrate",
     "open_pool",
+    "require_current_schema",
     "resolve_database_url",
     "schema_status",
     "uuid7",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "check_schema",
     "load_migrations",
     "migrate",
+    "require_current_schema",
     "schema_status",
 ]
 
@@ -181,6 +183,16 @@ def check_schema(url: str, migrations: Sequence[Migration] | None = None) -> Non
     status = schema_status(url, migrations)
     if status.problem is not None:
         raise status.problem
+
+
+def require_current_schema(url: str) -> None:
+    """The start-up check of every long-running command: unless the schema is exactly current,
+    print the one line ``db verify`` would and exit 1."""
+    try:
+        check_schema(url)
+    except SchemaMismatch as exc:
+        print(f"convstore: {exc.line}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 def migrate(url: str, migrations: Sequence[Migration] | None = None) -> tuple[Migration, ...]:

@@ -19,13 +19,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from conversations.connections import add_connection, list_connections
 from eventstore.database import open_pool, resolve_database_url
-from eventstore.errors import ConvstoreError, SchemaMismatch
-from eventstore.migrations import check_schema, migrate, schema_status
+from eventstore.errors import ConvstoreError
+from eventstore.migrations import migrate, require_current_schema, schema_status
 from projections.cli import register as register_projection_commands
 
 from .delivery import register as register_delivery_commands
 
-__all__ = ["build_parser", "main", "require_current_schema", "run_with_pool"]
+__all__ = ["build_parser", "main", "run_with_pool"]
 
 _T = TypeVar("_T")
 
@@ -37,15 +37,6 @@ def _err(line: str) -> None:
 def _url(args: argparse.Namespace) -> str:
     data_dir = Path(args.data_dir) if args.data_dir else None
     return resolve_database_url(args.database_url, data_dir=data_dir, announce=_err)
-
-
-def require_current_schema(url: str) -> None:
-    """The start-up check of every long-running command: exit 1 with one line unless current."""
-    try:
-        check_schema(url)
-    except SchemaMismatch as exc:
-        _err(f"convstore: {exc.line}")
-        raise SystemExit(1) from exc
 
 
 def run_with_pool(

@@ -679,9 +679,7 @@ async def run_delivery(
 
 
 def _deliver_command(args: argparse.Namespace) -> int:
-    from eventstore import open_pool, resolve_database_url
-
-    from .cli import require_current_schema
+    from eventstore import open_pool, require_current_schema, resolve_database_url
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from eventstore import ConvstoreError, open_pool, resolve_database_url
+from eventstore import ConvstoreError, open_pool, require_current_schema, resolve_database_url
 
 from .base import Projection
 from .progress import progress_for
@@ -42,9 +42,6 @@ def _url(args: argparse.Namespace) -> str:
         data_dir=Path(data_dir) if data_dir else None,
         announce=_err,
     )
-    # Imported here: handlers.cli imports this module to register the commands.
-    from handlers.cli import require_current_schema
-
     require_current_schema(url)
     return url
 

@@ -13,10 +13,10 @@ each, across Messenger, Instagram, Telegram and the widget:
   customers still writing, so their next messages race the close and then open new
   conversations (or reopen, per the connection's policy);
 
-while the projector is SIGKILLed and restarted every few seconds, the server is SIGKILLed and
-restarted once, and PostgreSQL is restarted once (``pg_ctl restart -m immediate``: a crash and
-recovery). Senders retry like providers do: on a 5xx or a connection error, with backoff, until
-the delivery is answered 200.
+while the projector is SIGKILLed and restarted once in every 500 deliveries (at least 8 times),
+the server is SIGKILLed and restarted once, and PostgreSQL is restarted once (``pg_ctl restart
+-m immediate``: a crash and recovery). Senders retry like providers do: on a 5xx or a
+connection error, with backoff, until the delivery is answered 200.
 
 Afterwards the projector catches up (``convstore project --once``) and the soak checks:
 
@@ -579,11 +579,17 @@ class Soak:
         await asyncio.gather(*pending)
 
     async def projector_killer(self, projector: Process, stop: asyncio.Event) -> None:
-        """SIGKILL the projector every few seconds and start it again."""
+        """SIGKILL the projector once in each slice of the traffic and start it again.
+
+        The kills follow the deliveries answered, not the clock (one at a random point of each
+        500 deliveries, at least 8 in a run), so a fast machine kills it as often as a slow
+        one: on a timer, a short run that ends in ten seconds killed it only once or twice."""
         rng = random.Random(self.seed + 1)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), rng.uniform(1.5, 4.0))
+        slices = max(8, self.deliveries // 500)
+        for k in range(slices):
+            mark = (k + rng.uniform(0.2, 0.8)) * self.deliveries / slices
+            while self.done < mark and not stop.is_set():
+                await asyncio.sleep(0.02)
             if stop.is_set():
                 break
             code = projector.exited()

@@ -13,11 +13,10 @@ connection, current conversation, stream version, contact, and whether the messa
 stored) and, when the conversation is open, insert the message at the stream's next version.
 It has two forms: :data:`RECEIVE_ONE` with scalar parameters for a delivery alone, and the
 ``receive_inbound_batch`` function (``sql/0006``, first in ``0005``) over arrays for a batch.
-They are kept
-apart because each is cheapest for its case: PostgreSQL re-planned the array form on every
-execution as a prepared statement, so it lives in a function pinned to a generic plan, and
-that plan with its function call costs a lone delivery about 40% more server time than the
-scalar statement.
+They are kept apart because each is cheapest for its case: PostgreSQL re-planned the array
+form on every execution as a prepared statement, so it lives in a function pinned to a generic
+plan, and that plan with its function call costs a lone delivery about 40% more server time
+than the scalar statement.
 
 Deliveries for the same stream in one batch take its next versions in batch order; two of one
 message go in once. A delivery that read a version another statement took meanwhile fails on

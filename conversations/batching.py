@@ -12,7 +12,7 @@ The statement is ``receive_inbound``'s first step for each delivery: read the ke
 connection, current conversation, stream version, contact, and whether the message is already
 stored) and, when the conversation is open, insert the message at the stream's next version.
 It has two forms: :data:`RECEIVE_ONE` with scalar parameters for a delivery alone, and the
-``receive_inbound_batch`` function (``sql/0006``, first in ``0005``) over arrays for a batch.
+``receive_inbound_batch`` function (``sql/0005``) over arrays for a batch.
 They are kept apart because each is cheapest for its case: PostgreSQL re-planned the array
 form on every execution as a prepared statement, so it lives in a function pinned to a generic
 plan, and that plan with its function call costs a lone delivery about 40% more server time
@@ -44,7 +44,7 @@ __all__ = [
 
 #: One row per delivery that names a registered connection: its index in the batch, whether it
 #: was appended, then the key as read (``conversations.service._Found``'s columns). The
-#: statement itself is ``receive_inbound_batch`` (``sql/0006_stream_versions_from_events.sql``).
+#: statement itself is ``receive_inbound_batch`` in ``sql/0005_receive_inbound_batch.sql``.
 RECEIVE_MANY: Final = """
 SELECT * FROM receive_inbound_batch(
     %(connections)b::text[], %(psids)b::text[], %(event_ids)b::uuid[],

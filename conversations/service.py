@@ -336,13 +336,15 @@ CROSS JOIN LATERAL (
 WHERE v.connection = %s AND v.psid = %s
 """
 
-_CONVERSATION = """
+# ConversationState's columns, in its field order, for every query that builds one.
+_CONVERSATION_STATES = """
 SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id, v.status,
        v.deleted, v.opened_at, v.closed_at, v.snoozed_until, v.snooze_until_reply,
        (SELECT max(e.stream_version) FROM events e WHERE e.stream_id = v.stream_id)
 FROM conversations v
-WHERE v.conversation_id = %s
 """
+
+_CONVERSATION = _CONVERSATION_STATES + "WHERE v.conversation_id = %s"
 
 
 class ConversationService:
@@ -1062,11 +1064,8 @@ class ConversationService:
         with translate_errors():
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id,"
-                    " v.status, v.deleted, v.opened_at, v.closed_at, v.snoozed_until,"
-                    " v.snooze_until_reply, (SELECT max(e.stream_version) FROM events e"
-                    " WHERE e.stream_id = v.stream_id) FROM conversations v"
-                    " WHERE v.contact_id = %s ORDER BY v.opened_at DESC, v.conversation_id DESC",
+                    _CONVERSATION_STATES + "WHERE v.contact_id = %s"
+                    " ORDER BY v.opened_at DESC, v.conversation_id DESC",
                     (contact_id,),
                 )
                 rows = await cur.fetchall()

@@ -208,6 +208,40 @@ class Projection(abc.ABC):
         it may be updated in place, since it is dropped unless this batch commits."""
         await self.apply(conn, schema, events)
 
+    # A projection with a memory may split a batch in two phases, so that the applier folds
+    # the next batch while this one is written (two cores instead of one during a catch-up):
+    # :meth:`prepare` reads and folds, :meth:`remember` keeps the batch's rows, :meth:`write`
+    # writes. The defaults do everything in :meth:`write`.
+
+    async def prepare(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        events: Sequence[RecordedEvent],
+        memory: Any,
+    ) -> Any:
+        """Read what the batch needs (on ``conn``, which may be another connection than the
+        one that writes, outside the batch's transaction) and fold the events; return what
+        :meth:`write` needs, as values the next batch's fold will not change. It may be called
+        before the batch before has committed, but only when :meth:`remember` said so."""
+        return events
+
+    def remember(self, memory: Any, prepared: Any) -> bool:
+        """Keep the prepared batch's rows in ``memory``. True when the next batch may be
+        prepared before this one commits: ``memory`` holds every row this batch writes, and
+        the batch writes no row that another batch could read from the tables."""
+        return False
+
+    async def write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        prepared: Any,
+        memory: Any,
+    ) -> None:
+        """Write a prepared batch in the caller's transaction."""
+        await self.apply_with_memory(conn, schema, prepared, memory)
+
     def __repr__(self) -> str:
         return f"<projection {self.name} v{self.version}>"
 

@@ -42,10 +42,11 @@ Meaning of the columns
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 import msgspec
 import psycopg
@@ -249,6 +250,9 @@ _DELIVERY_EVENTS: Final = (
     ReplyFailed,
     ReplyConfirmed,
 )
+
+#: Events folded between two yields to the event loop (see :meth:`InboxProjection.prepare`).
+_FOLD_SLICE: Final = 100
 
 
 class _Conversation(msgspec.Struct, gc=False):
@@ -570,14 +574,24 @@ class _Memory:
     def conversation(self, conversation_id: uuid.UUID) -> _Conversation | None:
         conv = self.conversations.get(conversation_id)
         if conv is not None and self.merged:
-            contact = conv.contact_id
-            while (into := self.merged.get(contact)) is not None:
-                contact = into
-            conv.contact_id = contact
+            conv.contact_id = self.survivor(conv.contact_id)
         return conv
 
-    def remember(self, batch: _Batch) -> None:
-        """Take in the rows of a batch that is about to commit."""
+    def survivor(self, contact_id: uuid.UUID) -> uuid.UUID:
+        """The contact that ``contact_id`` ends in through this memory's merges."""
+        while (into := self.merged.get(contact_id)) is not None:
+            contact_id = into
+        return contact_id
+
+    def remember(self, batch: _Batch) -> bool:
+        """Take in the rows of a batch that is about to commit.
+
+        True when the next batch may be folded before this one commits: the memory then holds
+        every row the batch touched, and the rows it does not hold are the same before and
+        after the commit once resolved through ``merged`` (a merge also moves conversations and
+        forwards merges that the memory does not hold, and :meth:`InboxProjection._load`
+        resolves what it loads through the merges the memory knows).
+        """
         conversations = self.conversations
         for merge in batch.merge_log:
             self.merged[merge.from_contact_id] = merge.into_contact_id
@@ -587,16 +601,71 @@ class _Memory:
             conversations.pop(conversation_id, None)
             conversations[conversation_id] = conv
         messages = self.messages
-        messages.update(batch.known_messages)
+        for message_id, message in batch.known_messages.items():
+            messages.pop(message_id, None)
+            messages[message_id] = message
         messages.update(batch.new_messages)
+        # Never forget the batch's own rows (a batch may touch more rows than LIMIT).
         if len(conversations) > 2 * self.LIMIT:
-            self.conversations = dict(list(conversations.items())[-self.LIMIT :])
+            keep = max(self.LIMIT, len(batch.conversations))
+            self.conversations = dict(list(conversations.items())[-keep:])
         if len(messages) > 2 * self.LIMIT:
-            self.messages = dict(list(messages.items())[-self.LIMIT :])
+            keep = max(self.LIMIT, len(batch.known_messages) + len(batch.new_messages))
+            self.messages = dict(list(messages.items())[-keep:])
         if len(self.merged) > self.LIMIT:
             # Merges only matter to remembered conversations: forget both, not grow for ever.
             self.conversations = {}
             self.merged = {}
+            return False
+        return True
+
+
+class _Writes:
+    """A folded batch's writes as values, taken before the next batch's fold changes the rows."""
+
+    __slots__ = ("batch", "changed_messages", "conversations", "counts", "merges", "new_messages")
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        for conversation_id, message in batch.previews.items():
+            batch.conversations[conversation_id].last_message_preview = preview_of(
+                message.text, message.attachment_types
+            )
+        self.new_messages = [message.row() for message in batch.new_messages.values()]
+        changed = batch.changed_messages.values()
+        self.changed_messages: list[list[Any]] | None = (
+            [
+                [m.message_id for m in changed],
+                [m.text for m in changed],
+                [m.edited_at for m in changed],
+                [m.delivery_status for m in changed],
+                [m.delivery_attempts for m in changed],
+                [m.delivery_error for m in changed],
+                [m.delivered_at for m in changed],
+                [m.provider_message_id for m in changed],
+            ]
+            if changed
+            else None
+        )
+        rows = [conv.row() for conv in batch.conversations.values()]
+        self.conversations: list[list[Any]] | None = (
+            [list(column) for column in zip(*rows, strict=True)] if rows else None
+        )
+        self.merges = list(batch.merge_log)
+        deltas: dict[tuple[str, str], int] = {}
+        for conv in batch.conversations.values():
+            now = conv.count_key()
+            if now != conv.counted:
+                if conv.counted is not None:
+                    deltas[conv.counted] = deltas.get(conv.counted, 0) - 1
+                if now is not None:
+                    deltas[now] = deltas.get(now, 0) + 1
+        moved = [(key, n) for key, n in deltas.items() if n]
+        self.counts: tuple[list[str], list[str], list[int]] | None = (
+            ([key[0] for key, _ in moved], [key[1] for key, _ in moved], [n for _, n in moved])
+            if moved
+            else None
+        )
 
 
 class _Batch:
@@ -798,12 +867,69 @@ class InboxProjection(Projection):
         memory: Any,
     ) -> None:
         """:meth:`apply`, taking the rows ``memory`` holds instead of loading them."""
+        prepared = await self.prepare(conn, schema, events, memory)
+        self.remember(memory, prepared)
+        await self.write(conn, schema, prepared, memory)
+
+    async def prepare(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        events: Sequence[RecordedEvent],
+        memory: Any,
+    ) -> _Writes:
+        """Take the batch's rows (from ``memory``, else loaded), fold the events over them and
+        return the writes as values."""
         st = self._for(schema)
         batch = await self._load(conn, st, events, memory)
-        for event in events:
-            batch.fold(event)
-        await self._write(conn, st, batch)
-        memory.remember(batch)
+        fold = batch.fold
+        for index, event in enumerate(events, 1):
+            fold(event)
+            if not index % _FOLD_SLICE:
+                # Folded ahead, this runs while the batch before is written: give its
+                # statements their turn, so the server works while this process folds.
+                await asyncio.sleep(0)
+        return _Writes(batch)
+
+    def remember(self, memory: Any, prepared: Any) -> bool:
+        """Keep the batch's rows in ``memory`` (see :meth:`_Memory.remember`)."""
+        return cast(_Memory, memory).remember(cast(_Writes, prepared).batch)
+
+    async def write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        prepared: Any,
+        memory: Any,
+    ) -> None:
+        """Write a prepared batch: new messages (COPY), changed messages, the touched
+        conversations, merges, count deltas."""
+        st = self._for(schema)
+        writes = cast(_Writes, prepared)
+        if writes.new_messages:
+            await _copy_messages(conn, st.copy_messages, writes.new_messages)
+        if writes.changed_messages is not None:
+            await conn.execute(st.update_messages, writes.changed_messages)
+        if writes.conversations is not None:
+            await conn.execute(st.upsert_conversations, writes.conversations)
+        for merge in writes.merges:
+            await conn.execute(
+                st.insert_merge, (merge.from_contact_id, merge.into_contact_id, merge.merged_at)
+            )
+            await conn.execute(st.forward_merges, (merge.into_contact_id, merge.from_contact_id))
+            await conn.execute(
+                st.move_conversations,
+                (
+                    merge.into_contact_id,
+                    merge.from_contact_id,
+                    list(merge.conversation_ids),
+                    merge.into_contact_id,
+                ),
+            )
+        if writes.counts is not None:
+            connections, statuses, deltas = writes.counts
+            await conn.execute(st.add_counts, (connections, statuses, deltas))
+            await conn.execute(st.drop_zero_counts, (connections, statuses))
 
     async def _load(
         self,
@@ -850,7 +976,11 @@ class InboxProjection(Projection):
         if missing:
             cur = await conn.execute(st.load_conversations, (missing,))
             for row in await cur.fetchall():
-                conversations[row[0]] = _Conversation.from_row(row)
+                conv = conversations[row[0]] = _Conversation.from_row(row)
+                if memory.merged:
+                    # Folded ahead, the rows are read before the batch before commits, which
+                    # may have moved this one to another contact.
+                    conv.contact_id = memory.survivor(conv.contact_id)
         known: dict[uuid.UUID, _Message] = {}
         lookup: list[uuid.UUID] = []
         for message_id in named_messages - new_messages:
@@ -867,69 +997,17 @@ class InboxProjection(Projection):
         if contacts:
             cur = await conn.execute(st.load_merges, (list(contacts),))
             merges = {row[0]: row[1] for row in await cur.fetchall()}
+            if memory.merged:
+                # As above: the merges of the batch before may not be stored yet.
+                for contact in contacts:
+                    survivor = memory.survivor(merges.get(contact, contact))
+                    if survivor != contact:
+                        merges[contact] = survivor
         return _Batch(conversations, known, merges)
-
-    async def _write(
-        self, conn: psycopg.AsyncConnection[Any], st: _Statements, batch: _Batch
-    ) -> None:
-        if batch.new_messages:
-            await _copy_messages(conn, st.copy_messages, batch.new_messages.values())
-        if batch.changed_messages:
-            changed = batch.changed_messages.values()
-            await conn.execute(
-                st.update_messages,
-                [
-                    [m.message_id for m in changed],
-                    [m.text for m in changed],
-                    [m.edited_at for m in changed],
-                    [m.delivery_status for m in changed],
-                    [m.delivery_attempts for m in changed],
-                    [m.delivery_error for m in changed],
-                    [m.delivered_at for m in changed],
-                    [m.provider_message_id for m in changed],
-                ],
-            )
-        for conversation_id, message in batch.previews.items():
-            batch.conversations[conversation_id].last_message_preview = preview_of(
-                message.text, message.attachment_types
-            )
-        if batch.conversations:
-            rows = [conv.row() for conv in batch.conversations.values()]
-            await conn.execute(
-                st.upsert_conversations, [list(col) for col in zip(*rows, strict=True)]
-            )
-        for merge in batch.merge_log:
-            await conn.execute(
-                st.insert_merge, (merge.from_contact_id, merge.into_contact_id, merge.merged_at)
-            )
-            await conn.execute(st.forward_merges, (merge.into_contact_id, merge.from_contact_id))
-            await conn.execute(
-                st.move_conversations,
-                (
-                    merge.into_contact_id,
-                    merge.from_contact_id,
-                    list(merge.conversation_ids),
-                    merge.into_contact_id,
-                ),
-            )
-        deltas: dict[tuple[str, str], int] = {}
-        for conv in batch.conversations.values():
-            now = conv.count_key()
-            if now != conv.counted:
-                if conv.counted is not None:
-                    deltas[conv.counted] = deltas.get(conv.counted, 0) - 1
-                if now is not None:
-                    deltas[now] = deltas.get(now, 0) + 1
-        moved = [(key, n) for key, n in deltas.items() if n]
-        if moved:
-            connections = [key[0] for key, _ in moved]
-            statuses = [key[1] for key, _ in moved]
-            await conn.execute(st.add_counts, (connections, statuses, [n for _, n in moved]))
-            await conn.execute(st.drop_zero_counts, (connections, statuses))
 
 
 async def _copy_messages(
-    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, messages: Iterable[_Message]
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, rows: Iterable[tuple[Any, ...]]
 ) -> None:
     """Insert a batch's messages with a binary COPY."""
     async with conn.cursor() as cur:
@@ -937,5 +1015,5 @@ async def _copy_messages(
         cur.adapters.register_dumper(None, _RawJsonbBinaryDumper)
         async with cur.copy(statement) as copy:
             copy.set_types(_MESSAGE_TYPES)
-            for message in messages:
-                await copy.write_row(message.row())
+            for row in rows:
+                await copy.write_row(row)

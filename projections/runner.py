@@ -43,6 +43,7 @@ from typing import Any, Final, Literal, cast
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from eventstore import (
@@ -171,6 +172,11 @@ class Applier:
         self.store = EventStore(pool, TolerantCodec(projection.codec))
         #: Read the next batch on another pool connection while writing one.
         self.prefetch = prefetch
+        # Folding ahead reads the tables on another connection, which sees neither another
+        # session's temporary tables nor what a caller's open transaction wrote.
+        self._temporary = schema.startswith("pg_temp")
+        #: Batches that were folded while the batch before them was written (a statistic).
+        self.folded_ahead = 0
         self._prefetch: _ReadAhead | None = None
         # The projection's memory of its rows, valid while the schema's checkpoint table (by
         # oid: a rebuild's swap replaces it) stands at the checkpoint of our last commit.
@@ -252,24 +258,51 @@ class Applier:
 
     # ------------------------------------------------------------------ read-ahead
     #
-    # While a batch is written, the next one is read on another connection, so PostgreSQL
-    # executes the writes while Python decodes the next events (two cores instead of one).
-    # Safe because the fence makes a read a stable prefix of the log: the events after a
-    # checkpoint, once returned, are the first ones after it for ever. A read-ahead is used only
-    # if the locked checkpoint is the one it started from, and only when it filled a batch
-    # (a short one may have missed events that arrived since). One that is still waiting for a
-    # pool connection when it is wanted is dropped, so a busy pool never stalls the batch.
+    # While a batch is written, the next one is read on another connection, and (for a
+    # projection that says it may, see Projection.remember) also folded against the memory
+    # of this batch, so PostgreSQL executes the writes while Python decodes and folds the next
+    # events (two cores instead of one). Safe because the fence makes a read a stable prefix of
+    # the log: the events after a checkpoint, once returned, are the first ones after it for
+    # ever; and because the memory holds every row the batch being written changes, so what the
+    # fold loads from the tables is the same before and after that batch commits. A read-ahead
+    # is used only if the locked checkpoint is the one it started from, and only when it filled
+    # a batch (a short one may have missed events that arrived since); a fold ahead only if the
+    # memory is still the one it folded against. One that is still waiting for a pool
+    # connection when it is wanted is dropped, so a busy pool never stalls the batch. A memory
+    # that a dropped fold ahead may have changed is dropped with it.
 
-    def _start_prefetch(self, after: Checkpoint, limit: int) -> None:
+    def _start_prefetch(
+        self, after: Checkpoint, limit: int, until: Checkpoint | None, memory: Any
+    ) -> None:
         self._cancel_prefetch()
-        ahead = _ReadAhead(after, limit)
+        ahead = _ReadAhead(after, limit, until, memory)
         ahead.task = asyncio.ensure_future(self._read_ahead(ahead))
         self._prefetch = ahead
 
-    async def _read_ahead(self, ahead: _ReadAhead) -> list[RecordedEvent]:
+    async def _read_ahead(self, ahead: _ReadAhead) -> tuple[list[RecordedEvent], Any]:
         async with self.store.pool.connection() as conn:
             ahead.reading = True
-            return await self.store.read_all(ahead.after, ahead.limit, connection=conn)
+            events = await self.store.read_all(ahead.after, ahead.limit, connection=conn)
+            if ahead.memory is None or len(events) != ahead.limit:
+                return events, None
+            relevant = self._relevant(events, ahead.until)
+            if not relevant:
+                return events, None
+            ahead.folding = True
+            try:
+                prepared = await self.projection.prepare(conn, self.schema, relevant, ahead.memory)
+            except Exception:  # the batch is applied the usual way, and fails there if it must
+                return events, None
+            return events, prepared
+
+    def _relevant(
+        self, events: list[RecordedEvent], until: Checkpoint | None
+    ) -> list[RecordedEvent]:
+        """The events of a batch the projection applies (up to ``until``)."""
+        handles = self.projection.handles
+        if until is not None and events and events[-1].checkpoint > until:
+            return [e for e in events if e.checkpoint <= until and e.type in handles]
+        return [e for e in events if e.type in handles]
 
     def _cancel_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -280,19 +313,30 @@ class Applier:
                 # The task's outcome (often a cancellation) is not needed; silence it.
                 task.add_done_callback(_ignore_outcome)
 
-    async def _prefetched(self, checkpoint: Checkpoint, limit: int) -> list[RecordedEvent] | None:
+    async def _prefetched(
+        self, checkpoint: Checkpoint, limit: int, until: Checkpoint | None, memory: Any
+    ) -> tuple[list[RecordedEvent] | None, Any, bool]:
+        """(events read ahead, the batch folded ahead, whether ``memory`` is still good)."""
         ahead = self._prefetch
         if ahead is None or ahead.task is None:
-            return None
-        if ahead.after != checkpoint or ahead.limit != limit or not ahead.reading:
-            self._cancel_prefetch()
-            return None
+            return None, None, True
         self._prefetch = None
+        usable = ahead.after == checkpoint and ahead.limit == limit and ahead.reading
+        if not usable:
+            self._prefetch = ahead
+            self._cancel_prefetch()
+            return None, None, not (ahead.memory is memory and ahead.folding)
         try:
-            events = await ahead.task
+            events, prepared = await ahead.task
         except Exception:  # a failed read-ahead is only a missed optimisation
-            return None
-        return events if len(events) == limit else None
+            return None, None, not ahead.folding
+        if len(events) != limit:
+            return None, None, True
+        if ahead.folding and (
+            prepared is None or ahead.memory is not memory or ahead.until != until
+        ):
+            return events, None, False
+        return events, prepared, True
 
     async def close(self) -> None:
         """Cancel a pending read-ahead (call when done with the applier)."""
@@ -327,6 +371,7 @@ class Applier:
         # The memory is taken out while the batch runs: only its commit makes it valid again.
         memory, key = self._memory, self._memory_key
         self._memory = self._memory_key = None
+        commits = conn.info.transaction_status == TransactionStatus.IDLE
         async with conn.transaction():
             row = await (
                 await conn.execute(self._lock_checkpoint, (self.projection.name,))
@@ -335,9 +380,14 @@ class Applier:
                 raise ProjectionError(f"{self.schema} has no checkpoint for {self.projection}")
             checkpoint = Checkpoint(row[0], row[1])
             table = int(row[2])
-            if key != (table, checkpoint):
-                memory = self.projection.new_memory()
-            result = await self._apply_events(conn, limit, until, checkpoint, memory)
+            events, prepared, memory_good = await self._prefetched(checkpoint, limit, until, memory)
+            if key != (table, checkpoint) or not memory_good:
+                memory, prepared = self.projection.new_memory(), None
+            elif prepared is not None:
+                self.folded_ahead += 1
+            result = await self._apply_events(
+                conn, limit, until, checkpoint, memory, events, prepared, commits
+            )
         self._memory, self._memory_key = memory, (table, result.checkpoint)
         return result
 
@@ -348,28 +398,40 @@ class Applier:
         until: Checkpoint | None,
         checkpoint: Checkpoint,
         memory: Any,
+        events: list[RecordedEvent] | None,
+        prepared: Any,
+        commits: bool,
     ) -> BatchResult:
         if until is not None and checkpoint >= until:
             return BatchResult(0, checkpoint, True)
-        events = await self._prefetched(checkpoint, limit)
         if events is None:
             events = await self.store.read_all(checkpoint, limit, connection=conn)
         full = len(events) == limit
-        if full and self.prefetch and (until is None or events[-1].checkpoint < until):
-            self._start_prefetch(events[-1].checkpoint, limit)
+        ahead = self.prefetch and full and (until is None or events[-1].checkpoint < until)
+        if ahead and memory is None:
+            self._start_prefetch(events[-1].checkpoint, limit, until, None)
+        relevant = self._relevant(events, until)
         if until is not None and events and events[-1].checkpoint > until:
             events = [e for e in events if e.checkpoint <= until]
             full = False
         if not events:
             return BatchResult(0, checkpoint, True)
-        handles = self.projection.handles
-        relevant = [e for e in events if e.type in handles]
         if relevant:
             try:
                 if memory is None:
                     await self.projection.apply(conn, self.schema, relevant)
                 else:
-                    await self.projection.apply_with_memory(conn, self.schema, relevant, memory)
+                    if prepared is None:
+                        prepared = await self.projection.prepare(
+                            conn, self.schema, relevant, memory
+                        )
+                    fold_ahead = self.projection.remember(memory, prepared)
+                    fold_ahead = fold_ahead and commits and not self._temporary
+                    if ahead:
+                        self._start_prefetch(
+                            events[-1].checkpoint, limit, until, memory if fold_ahead else None
+                        )
+                    await self.projection.write(conn, self.schema, prepared, memory)
             except EventFailed as exc:
                 index = next(
                     (i for i, e in enumerate(events) if e.checkpoint == exc.event.checkpoint),
@@ -380,6 +442,8 @@ class Applier:
                 if _unavailable(exc):
                     raise
                 raise BatchFailed(events, exc) from exc
+        elif ahead and memory is not None:
+            self._start_prefetch(events[-1].checkpoint, limit, until, None)
         last = events[-1].checkpoint
         await conn.execute(
             self._move_checkpoint,
@@ -395,16 +459,23 @@ class Applier:
 
 
 class _ReadAhead:
-    """The next batch being read on another connection, from ``after``."""
+    """The next batch being read on another connection from ``after``, and folded ahead
+    against ``memory`` unless that is ``None``."""
 
-    __slots__ = ("after", "limit", "reading", "task")
+    __slots__ = ("after", "folding", "limit", "memory", "reading", "task", "until")
 
-    def __init__(self, after: Checkpoint, limit: int) -> None:
+    def __init__(
+        self, after: Checkpoint, limit: int, until: Checkpoint | None, memory: Any
+    ) -> None:
         self.after = after
         self.limit = limit
+        self.until = until
+        self.memory = memory
         #: True once it holds a connection (before that, reading directly is no slower)
         self.reading = False
-        self.task: asyncio.Future[list[RecordedEvent]] | None = None
+        #: True once the fold ahead began: from then on it may have changed ``memory``
+        self.folding = False
+        self.task: asyncio.Future[tuple[list[RecordedEvent], Any]] | None = None
 
 
 class _Failure(msgspec.Struct, frozen=True):

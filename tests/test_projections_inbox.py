@@ -17,6 +17,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from conversations.events import (
@@ -37,7 +38,7 @@ from conversations.events import (
     contact_stream,
     conversation_stream,
 )
-from eventstore import START, EventStore, RecordedEvent, open_pool, uuid7
+from eventstore import START, Checkpoint, EventStore, RecordedEvent, open_pool, uuid7
 from projections import (
     PROJECTIONS,
     Conversation,
@@ -473,3 +474,89 @@ async def test_what_appliers_remember_follows_what_is_committed(
         assert set(differences.values()) == {(0, 0)}, differences
         await conn.execute("DROP SCHEMA turns CASCADE")
         await conn.execute("DROP SCHEMA scratch CASCADE")
+
+
+async def _build_with(
+    pool: AsyncConnectionPool[Any], schema: str, batch: int, head: Any, *, prefetch: bool
+) -> Applier:
+    applier = Applier(pool, INBOX, schema, prefetch=prefetch)
+    async with pool.connection() as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+        await applier.create(conn)
+        try:
+            while not (await applier.apply_batch(conn, batch, until=head)).caught_up:
+                pass
+        finally:
+            await applier.close()
+    return applier
+
+
+async def test_folding_the_next_batch_while_one_is_written_builds_the_same_model(
+    pool: AsyncConnectionPool[Any], store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An applier folds batch N+1 (reading the rows its memory lacks on another connection)
+    while batch N is written. With a memory that forgets rows all the time, and traffic that
+    merges contacts (a merge moves rows the memory does not hold), what it reads before N
+    commits must still give the model that an applier folding one batch at a time builds."""
+    monkeypatch.setattr(_Memory, "LIMIT", 5)
+    await append_all(store, list(traffic(4000, seed=5, active=40)))
+    async with pool.connection() as conn:
+        head = await log_head(conn)
+        merges = await (
+            await conn.execute("SELECT count(*) FROM events WHERE type = 'ContactsMerged'")
+        ).fetchone()
+    assert merges is not None and merges[0] >= 3
+    ahead = await _build_with(pool, "ahead", 37, head, prefetch=True)
+    plain = await _build_with(pool, "plain", 37, head, prefetch=False)
+    # Most batches were folded ahead (not the first, nor one after a short read-ahead).
+    assert ahead.folded_ahead > 50
+    assert plain.folded_ahead == 0
+    async with pool.connection() as conn:
+        differences = await compare_read_models(conn, INBOX, "ahead", "plain")
+        assert set(differences.values()) == {(0, 0)}, differences
+        await conn.execute("DROP SCHEMA ahead CASCADE")
+        await conn.execute("DROP SCHEMA plain CASCADE")
+
+
+async def test_a_batch_folded_before_a_merge_commits_still_follows_the_merge(
+    pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    """Folded ahead, a batch reads the rows its memory lacks before the batch before it has
+    committed. When that batch merged contact A into B, what it reads is resolved through
+    the merge: a conversation of A that the merge did not name, a contact merged into A
+    before, and A itself."""
+    a, b, x = uuid7(), uuid7(), uuid7()
+    old = Chat(store, contact=a)
+    await old.open(at(0))
+    await old.customer("hello", at(1))
+    await emit(store, contact_stream(a), ContactsMerged(x, a, at(2)))
+    await project(pool)
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute("SELECT transaction_id, position FROM rm_inbox.checkpoint")
+        ).fetchone()
+    assert row is not None
+    await emit(store, contact_stream(b), ContactsMerged(a, b, at(3)))
+    await old.customer("again", at(4))
+    for_x, for_a = Chat(store, contact=x), Chat(store, contact=a)
+    await for_x.open(at(5))
+    await for_a.open(at(6))
+    events = await EventStore(pool, CODEC).read_all(Checkpoint(row[0], row[1]), 100)
+    assert [type(e.data) for e in events[:2]] == [ContactsMerged, MessageReceived]
+    memory = INBOX.new_memory()
+    async with pool.connection() as writer, pool.connection() as reader:
+        async with writer.transaction():
+            merge = await INBOX.prepare(writer, "rm_inbox", events[:1], memory)
+            assert INBOX.remember(memory, merge)
+            # The next batch, read and folded on another connection before the merge commits.
+            after = await INBOX.prepare(reader, "rm_inbox", events[1:], memory)
+            await INBOX.write(writer, "rm_inbox", merge, memory)
+        async with writer.transaction():
+            INBOX.remember(memory, after)
+            await INBOX.write(writer, "rm_inbox", after, memory)
+    q = InboxQueries(pool)
+    for chat in (old, for_x, for_a):
+        conversation = await q.conversation(chat.id)
+        assert conversation is not None and conversation.contact_id == b, chat

@@ -185,16 +185,24 @@ class Applier:
         table = sql.Identifier(schema, CHECKPOINT_TABLE)
         # Asynchronous commit: a server crash can lose the last batches, but each batch with
         # its checkpoint, so they are applied again; the model is never torn. It saves a WAL
-        # flush per batch.
-        self._lock_checkpoint = sql.SQL(
-            "SELECT transaction_id, position, tableoid::bigint,"
-            " set_config('synchronous_commit', 'off', true)"
-            " FROM {t} WHERE projection = %s FOR UPDATE"
-        ).format(t=table)
-        self._move_checkpoint = sql.SQL(
-            "UPDATE {t} SET transaction_id = %s, position = %s, events = events + %s,"
-            " applied_by = %s, updated_at = now() WHERE projection = %s"
-        ).format(t=table)
+        # flush per batch. Both are rendered once (psycopg renders a Composed at every call).
+        self._lock_checkpoint = (
+            sql.SQL(
+                "SELECT transaction_id, position, tableoid::bigint,"
+                " set_config('synchronous_commit', 'off', true)"
+                " FROM {t} WHERE projection = %s FOR UPDATE"
+            )
+            .format(t=table)
+            .as_bytes(None)
+        )
+        self._move_checkpoint = (
+            sql.SQL(
+                "UPDATE {t} SET transaction_id = %s, position = %s, events = events + %s,"
+                " applied_by = %s, updated_at = now() WHERE projection = %s"
+            )
+            .format(t=table)
+            .as_bytes(None)
+        )
         self._read_checkpoint = sql.SQL(
             "SELECT transaction_id, position, version, indexed FROM {t} WHERE projection = %s"
         ).format(t=table)

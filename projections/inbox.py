@@ -16,6 +16,11 @@ statement per event (the catch-up goal is tens of thousands of events a second):
 3. write: new messages (one binary ``COPY``), edits and deliveries of older messages, the
    touched conversations (one upsert), merges, count deltas, in the caller's transaction.
 
+Steps 1 and 2 (:meth:`InboxProjection.prepare`) may run for the next batch, on another
+connection, while this batch's writes run: the applier's memory holds every row this batch
+writes, and what the next batch loads from the tables is resolved through this batch's merges,
+so it is the same before and after this batch commits (see :meth:`_Memory.remember`).
+
 The result depends only on the events, never on how they were cut into batches or on the
 clock, so a rebuild equals the live model row for row.
 

@@ -689,6 +689,9 @@ class _SqlScan:
             return want != "text" and self.ok(node.func.value, module, scope, "comp")
         if isinstance(node.func, ast.Attribute) and node.func.attr == "encode":
             return self.ok(node.func.value, module, scope, want)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("as_bytes", "as_string"):
+            # A fixed composition rendered once is fixed text (but no longer a composition).
+            return want != "comp" and self.ok(node.func.value, module, scope, "sql")
         returns = self._returns(node, module)
         return bool(returns) and all(self.ok(v, m, s, want) for v, m, s in returns)
 
@@ -904,6 +907,7 @@ _PROBES = {
     "        await conn.execute(sql.SQL('SELECT 1 {} 2').format(sql.SQL(op)))",
     "attribute": "class C:\n    channel: str\n\n    async def f(self, conn):\n"
     "        await conn.execute('LISTEN ' + self.channel)",
+    "rendered": "async def f(conn, x):\n    await conn.execute(sql.SQL(x).as_bytes(None))",
     "fixed": "Q = 'SELECT 1'\n"
     "async def f(conn, x):\n    await conn.execute(Q + ' WHERE a = %s', (x,))\n"
     "async def g(conn, x):\n    await conn.execute(sql.SQL('SELECT {}').format(x))\n"
@@ -914,7 +918,10 @@ _PROBES = {
     "def build(x):\n    return Q, (x,)\n"
     "async def k(conn, x):\n    q, p = build(x)\n    await conn.execute(q, p)\n"
     "class D:\n    def __init__(self):\n        self.probe_query = sql.SQL('SELECT 1')\n\n"
-    "    async def f(self, conn):\n        await conn.execute(self.probe_query)",
+    "    async def f(self, conn):\n        await conn.execute(self.probe_query)\n"
+    "def render(s: sql.Composed) -> bytes:\n    return s.as_bytes(None)\n"
+    "async def m(conn):\n"
+    "    await conn.execute(render(sql.SQL('SELECT {}').format(sql.Identifier('t'))))",
 }
 
 

@@ -338,8 +338,8 @@ class Applier:
             events, prepared = await ahead.task
         except Exception:  # a failed read-ahead is only a missed optimisation
             return None, None, not ahead.folding
-        if len(events) != limit:
-            return None, None, True
+        if len(events) != limit:  # (never folded ahead: see _read_ahead)
+            return None, None, not ahead.folding
         if ahead.folding and (
             prepared is None or ahead.memory is not memory or ahead.until != until
         ):

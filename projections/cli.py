@@ -24,7 +24,7 @@ from .base import Projection
 from .progress import progress_for
 from .rebuild import rebuild
 from .registry import PROJECTIONS, get_projection
-from .runner import run_projections
+from .runner import collecting_less_often, run_projections
 from .status import format_status, projection_status
 
 __all__ = ["main", "register"]
@@ -98,7 +98,8 @@ def _project(args: argparse.Namespace) -> int:
             logging.getLogger("convstore.projections").info("%s: %s", name, outcome)
         return 1 if "failed" in outcomes.values() else 0
 
-    return asyncio.run(_with_stop(work))
+    with collecting_less_often():
+        return asyncio.run(_with_stop(work))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -150,7 +151,8 @@ def _rebuild(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return asyncio.run(_with_stop(work))
+    with collecting_less_often():
+        return asyncio.run(_with_stop(work))
 
 
 def _positive(text: str) -> int:

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, Literal, cast
 
 import msgspec
@@ -66,6 +67,7 @@ from .base import (
 )
 
 __all__ = [
+    "PROJECTOR_GC_THRESHOLD",
     "Applier",
     "BatchFailed",
     "BatchResult",
@@ -77,6 +79,7 @@ __all__ = [
     "advisory_key",
     "catch_up",
     "clear_failure",
+    "collecting_less_often",
     "log_head",
     "record_failure",
     "run_projections",
@@ -92,6 +95,32 @@ REBUILD_LOCK: Final = 0x72626C64  # "rbld"
 DDL_LOCK: Final = 0x64646C30  # "ddl0"
 
 Outcome = Literal["caught-up", "stopped", "failed", "busy"]
+
+
+#: Allocations of tracked objects between two collections of the youngest generation while a
+#: projector runs (Python's default is 700).
+PROJECTOR_GC_THRESHOLD: Final = 50_000
+
+
+@contextlib.contextmanager
+def collecting_less_often(threshold: int = PROJECTOR_GC_THRESHOLD) -> Iterator[None]:
+    """Run the block with Python's cyclic garbage collector looking at young objects every
+    ``threshold`` allocations instead of every 700; restore the setting after.
+
+    A projector's batch decodes a thousand events into objects the collector tracks (each
+    ``uuid.UUID`` is one) and drops nearly all of them by reference counting; at the default
+    threshold, collections that find nothing, and the promotions that make the full ones long,
+    cost 15-20% of a catch-up's CPU (measured: 32-37k events/s at 700, 38-42k at 50,000, the
+    same code and data). The setting is the process's: the projector commands (``project``,
+    ``projections rebuild``) own their process and use it for their whole run; the web server
+    does not.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(threshold, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def advisory_key(namespace: int, name: str) -> tuple[int, int]:

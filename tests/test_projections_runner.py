@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import os
 import random
 import signal
@@ -50,7 +51,7 @@ from projections import (
     projection_status,
     run_projections,
 )
-from projections.runner import log_head
+from projections.runner import PROJECTOR_GC_THRESHOLD, collecting_less_often, log_head
 from projections.synthetic import append_all, copy_into_log, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -488,3 +489,14 @@ async def test_a_lost_connection_is_waited_out_not_blamed_on_an_event(
     (status,) = await projection_status(pool, [INBOX])
     assert status.failed_event_id is None
     await assert_equals_fresh_build(pool)
+
+
+def test_the_projector_collects_young_objects_less_often_and_restores_the_setting() -> None:
+    before = gc.get_threshold()
+    with collecting_less_often(12_345):
+        assert gc.get_threshold() == (12_345, *before[1:])
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError), collecting_less_often():
+        assert gc.get_threshold()[0] == PROJECTOR_GC_THRESHOLD
+        raise RuntimeError("the setting is restored on the way out")
+    assert gc.get_threshold() == before

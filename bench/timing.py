@@ -33,10 +33,13 @@ async def timed_workers(
     make_operation: Callable[[int], Operation],
     *,
     unit: str = "events/s",
+    probe_all_backends: bool = False,
 ) -> Measurement:
     """Run ``make_operation(worker)`` on ``concurrency`` connections for ``seconds``.
 
-    Returns events per second over all workers, with the run's per-event costs.
+    Returns events per second over all workers, with the run's per-event costs. The server CPU
+    is that of the workers' own backends, or with ``probe_all_backends`` that of every client
+    backend of the scratch database (for work that takes other pool connections).
     """
     counts = [0] * concurrency
     pids = [0] * concurrency
@@ -67,6 +70,14 @@ async def timed_workers(
         if waiter not in finished:  # a worker failed before the start line
             for task in finished:
                 task.result()
+        if probe_all_backends:
+            rows = await (
+                await ctx.admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND backend_type = 'client backend'"
+                )
+            ).fetchall()
+            pids = [int(row[0]) for row in rows]
         probe = CostProbe(ctx, pids)
         await probe.start()
         start = time.perf_counter()

@@ -80,7 +80,8 @@ async def ingest(ctx: BenchContext, seconds: float) -> Measurement:
 
     try:
         # Counted per delivery, so the unit matches the reference's one row per transaction.
-        return await timed_workers(ctx, pool, CONCURRENCY, seconds, make)
+        # The service takes its own pool connections, so every backend's CPU counts.
+        return await timed_workers(ctx, pool, CONCURRENCY, seconds, make, probe_all_backends=True)
     finally:
         await store.close()
 

@@ -229,7 +229,8 @@ class Projection(abc.ABC):
     def remember(self, memory: Any, prepared: Any) -> bool:
         """Keep the prepared batch's rows in ``memory``. True when the next batch may be
         prepared before this one commits: ``memory`` holds every row this batch writes, and
-        the batch writes no row that another batch could read from the tables."""
+        whatever else :meth:`prepare` reads from the tables comes out the same before and after
+        this batch commits."""
         return False
 
     async def write(

@@ -357,23 +357,27 @@ class Applier:
         ahead = self._prefetch
         if ahead is None or ahead.task is None:
             return None, None, True
-        self._prefetch = None
-        usable = ahead.after == checkpoint and ahead.limit == limit and ahead.reading
-        if not usable:
-            self._prefetch = ahead
+        if not (ahead.after == checkpoint and ahead.limit == limit and ahead.reading):
             self._cancel_prefetch()
-            return None, None, not (ahead.memory is memory and ahead.folding)
+            return None, None, not self._touched(ahead, memory)
+        self._prefetch = None
         try:
             events, prepared = await ahead.task
         except Exception:  # a failed read-ahead is only a missed optimisation
-            return None, None, not ahead.folding
+            return None, None, not self._touched(ahead, memory)
+        # Read only now: the task may have begun its fold while it was awaited.
+        touched = self._touched(ahead, memory)
         if len(events) != limit:  # (never folded ahead: see _read_ahead)
-            return None, None, not ahead.folding
-        if ahead.folding and (
-            prepared is None or ahead.memory is not memory or ahead.until != until
-        ):
-            return events, None, False
-        return events, prepared, True
+            return None, None, not touched
+        if touched and prepared is not None and ahead.until == until:
+            return events, prepared, True
+        return events, None, not touched
+
+    @staticmethod
+    def _touched(ahead: _ReadAhead, memory: Any) -> bool:
+        """Whether ``ahead`` began a fold against ``memory``, changing it: that memory is no
+        longer good unless the batch it folded is used."""
+        return ahead.folding and ahead.memory is memory
 
     async def close(self) -> None:
         """Cancel a pending read-ahead (call when done with the applier)."""

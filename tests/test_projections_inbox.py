@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,7 +53,7 @@ from projections import (
 )
 from projections.inbox import _Memory
 from projections.runner import Applier, log_head
-from projections.synthetic import append_all, traffic
+from projections.synthetic import append_all, copy_into_log, traffic
 
 INBOX = PROJECTIONS["inbox"]
 T0 = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
@@ -518,6 +519,67 @@ async def test_folding_the_next_batch_while_one_is_written_builds_the_same_model
         assert set(differences.values()) == {(0, 0)}, differences
         await conn.execute("DROP SCHEMA ahead CASCADE")
         await conn.execute("DROP SCHEMA plain CASCADE")
+
+
+async def test_tables_made_anew_are_still_read_through_their_indexes(database_url: str) -> None:
+    """A projector's statements are prepared, and PostgreSQL keeps a generic plan made while a
+    table was empty (here: the schema made anew on connections that ran them before, as a
+    rebuild or a bench round does) until the table is analysed. The batches must look rows up
+    through the indexes anyway, not scan the growing tables once per batch."""
+    setup = await open_pool(database_url, max_size=1)
+    try:
+        async with setup.connection() as conn:
+            await copy_into_log(conn, list(traffic(20_000, seed=3)))
+            head = await log_head(conn)
+    finally:
+        await setup.close()
+    pool = await open_pool(database_url, min_size=2, max_size=2)
+    applier = Applier(pool, INBOX, "grown")
+    try:
+        async with pool.connection() as conn:
+            for _ in range(2):
+                await conn.execute("DROP SCHEMA IF EXISTS grown CASCADE")
+                await applier.create(conn)
+                for table in ("conversations", "messages"):
+                    # An ANALYZE would replace the plans, and hide the scans this test looks for.
+                    await conn.execute(
+                        sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(
+                            sql.Identifier("grown", table)
+                        )
+                    )
+                batches = 0
+                while not (await applier.apply_batch(conn, 200, until=head)).caught_up:
+                    batches += 1
+        await applier.close()
+        async with pool.connection() as one, pool.connection() as other:
+            backends = [one.info.backend_pid, other.info.backend_pid]
+    finally:
+        await applier.close()
+        await pool.close()
+    assert batches >= 90
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        # A backend reports its table statistics at exit, before it leaves pg_stat_activity.
+        async with asyncio.timeout(30):
+            while (
+                await (
+                    await conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (backends,)
+                    )
+                ).fetchone()
+            ) != (0,):
+                await asyncio.sleep(0.05)
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        scans = {
+            row[0]: (row[1], row[2])
+            for row in await (
+                await conn.execute(
+                    "SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables"
+                    " WHERE schemaname = 'grown' AND relname IN ('conversations', 'messages')"
+                )
+            ).fetchall()
+        }
+    assert scans["conversations"][1] > batches and scans["messages"][1] > batches // 10, scans
+    assert scans["conversations"][0] < 10 and scans["messages"][0] < 10, scans
 
 
 async def test_a_batch_folded_before_a_merge_commits_still_follows_the_merge(

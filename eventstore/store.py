@@ -515,7 +515,7 @@ class EventStore:
         with translate_errors():
             async with self.pool.connection() as conn:
                 rows = await (await conn.execute(query, params)).fetchall()
-        return [self._record(row) for row in rows]
+        return self._records(rows)
 
     async def stream_version(self, stream_id: str) -> int:
         """The version of the stream's last event; 0 when the stream does not exist."""
@@ -569,7 +569,7 @@ class EventStore:
             with translate_errors():
                 async with self.pool.connection() as conn:
                     rows = await (await conn.execute(query, params)).fetchall()
-        return [self._record(row) for row in rows]
+        return self._records(rows)
 
     @staticmethod
     def _read_all_query(
@@ -705,6 +705,31 @@ class EventStore:
                 await task
 
     # ------------------------------------------------------------------ decoding
+
+    def _records(self, rows: list[_EventRow]) -> list[RecordedEvent]:
+        """Rows as records. Most types decode with one msgspec call, made inline here: a
+        Python call per row to :meth:`_record` and the codec was a tenth of a page read's
+        CPU (profiled). When a row fails that way, the page is decoded again row by row
+        through the codec's own ``decode``, which raises or stands in as the codec does."""
+        direct = self.codec.direct_decoders
+        decode = self.codec.decode
+        try:
+            return [
+                RecordedEvent(
+                    pos,
+                    tx,
+                    eid,
+                    sid,
+                    ver,
+                    typ,
+                    fn(data) if (fn := direct.get(typ)) is not None else decode(typ, data),
+                    meta,
+                    at,
+                )
+                for pos, tx, eid, sid, ver, typ, data, meta, at in rows
+            ]
+        except Exception:
+            return [self._record(row) for row in rows]
 
     def _record(self, row: _EventRow) -> RecordedEvent:
         position, tx, event_id, stream_id, version, type_name, data, metadata, recorded_at = row

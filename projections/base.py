@@ -20,7 +20,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 import msgspec
@@ -135,6 +135,12 @@ class TolerantCodec(EventCodec):
     def __init__(self, inner: EventCodec) -> None:
         super().__init__()
         self._inner = inner
+
+    @property
+    def direct_decoders(self) -> Mapping[str, Callable[[bytes], Any]]:
+        """The wrapped codec's: a reader whose direct call raises decodes the rows again
+        through :meth:`decode`, which stands in for the bad one."""
+        return self._inner.direct_decoders
 
     def decode(self, type_name: str, data: bytes) -> Any:
         """Decode with the wrapped codec; return an :class:`UndecodableEvent` on failure."""

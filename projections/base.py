@@ -161,6 +161,8 @@ class Projection(abc.ABC):
     their rows change: the live model is then rebuilt), :attr:`handles` and :attr:`tables`, and
     implement :meth:`table_ddl`, :meth:`index_ddl` and :meth:`apply`. Every table reference must
     be composed with ``sql.Identifier(schema, table)`` so the same code builds any schema.
+    The applier plans a batch's statements with sequential scans off (a generic plan made on a
+    new, empty table would scan it for ever), so every lookup a batch makes needs an index.
     """
 
     name: ClassVar[str]

@@ -550,7 +550,7 @@ async def test_tables_made_anew_are_still_read_through_their_indexes(database_ur
                 batches = 0
                 while not (await applier.apply_batch(conn, 200, until=head)).caught_up:
                     batches += 1
-        await applier.close()
+        await applier.close()  # its read-ahead may hold the other connection
         async with pool.connection() as one, pool.connection() as other:
             backends = [one.info.backend_pid, other.info.backend_pid]
     finally:

@@ -220,13 +220,9 @@ async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
         if small is not None:
             results.append(small)
         query, params = await _captured(lambda store: store.read_all(checkpoint, 1000))
-        results += await _check(
-            conn, "explain_read_all", query, params, "events_global_order_idx", sizes
-        )
+        results += await _check(conn, "explain_read_all", query, params, "events_pkey", sizes)
         query, params = await _captured(lambda store: store.head())
-        results += await _check(
-            conn, "explain_head", query, params, "events_global_order_idx", sizes
-        )
+        results += await _check(conn, "explain_head", query, params, "events_pkey", sizes)
         for direction in ("forwards", "backwards"):
 
             async def read_stream(store: EventStore, direction: str = direction) -> object:

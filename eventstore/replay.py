@@ -26,6 +26,10 @@ from .store import EventStore
 
 __all__ = ["RawCodec", "ReplayFilter", "checkpoint_of_position", "replay", "replay_sync"]
 
+# Served by the BRIN index on position (sql/0007): positions grow with the table, and this is
+# the only lookup by position alone, so a btree on it was not worth its cost to every append.
+_CHECKPOINT_OF_POSITION = "SELECT transaction_id::text::bigint FROM events WHERE position = %s"
+
 
 class RawCodec(EventCodec):
     """Leaves stored data as ``msgspec.Raw`` JSON: exports re-emit it without decoding."""
@@ -51,12 +55,7 @@ async def checkpoint_of_position(store: EventStore, position: int) -> Checkpoint
     """The checkpoint of the event at ``position`` (replay continues after it)."""
     with translate_errors():
         async with store.pool.connection() as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT transaction_id::text::bigint FROM events WHERE position = %s",
-                    (position,),
-                )
-            ).fetchone()
+            row = await (await conn.execute(_CHECKPOINT_OF_POSITION, (position,))).fetchone()
     if row is None:
         raise ValueError(f"no event at position {position}")
     return Checkpoint(row[0], position)

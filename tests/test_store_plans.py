@@ -1,4 +1,4 @@
-"""The global log's hot queries use their index, with no sort, on a table of 100k events."""
+"""The global log's queries use their index, with no sort, on a table of 100k events."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from eventstore import Checkpoint, EventStore
+from eventstore.replay import _CHECKPOINT_OF_POSITION, checkpoint_of_position
 from eventstore.store import _HEAD, _LogFilter
 
 
@@ -43,4 +44,40 @@ async def test_read_all_and_head_scan_the_global_order_index(
             nodes = _nodes(plan)
             types = [n["Node Type"] for n in nodes]
             assert "Sort" not in types and "Seq Scan" not in types, types
-            assert any(n.get("Index Name") == "events_global_order_idx" for n in nodes), types
+            assert any(n.get("Index Name") == "events_pkey" for n in nodes), types
+
+
+async def test_a_position_is_found_through_its_brin_index(
+    pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    # The primary key is the global order, so a lookup by position alone has only the BRIN
+    # index: without it this would read the whole table.
+    async with pool.connection() as conn:
+        # Appends commit one by one, so nearly every event has a transaction id of its own,
+        # which a scan of the primary key cannot skip through.
+        await conn.execute(
+            "DO $$ BEGIN FOR t IN 0..1999 LOOP"
+            " INSERT INTO events (event_id, stream_id, stream_version, category, type, data)"
+            " SELECT gen_random_uuid(), 'bulk-' || t || '-' || (n / 10), n % 10 + 1, 'bulk',"
+            " 'Bulk', jsonb_build_object('n', n, 'pad', repeat('x', 200))"
+            " FROM generate_series(0, 49) AS n; COMMIT; END LOOP; END $$"
+        )
+        await conn.execute("VACUUM ANALYZE events")
+        row = await (
+            await conn.execute(
+                "SELECT position, transaction_id::text::bigint FROM events"
+                " ORDER BY position OFFSET 77777 LIMIT 1"
+            )
+        ).fetchone()
+        assert row is not None
+        position, transaction_id = row
+        cur = await conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) ") + sql.SQL(_CHECKPOINT_OF_POSITION), (position,)
+        )
+        plan_row = await cur.fetchone()
+        assert plan_row is not None
+        nodes = _nodes(json.loads(plan_row[0])[0]["Plan"])
+        types = [n["Node Type"] for n in nodes]
+        assert "Seq Scan" not in types, types
+        assert any(n.get("Index Name") == "events_position_brin" for n in nodes), types
+    assert await checkpoint_of_position(store, position) == Checkpoint(transaction_id, position)

@@ -50,6 +50,9 @@ class EventCodec:
         strict: bool = False,
     ) -> None:
         self._types: dict[str, type[msgspec.Struct]] = {}
+        # class -> its type name, for the registered classes: naming a payload on every append
+        # is then one dict lookup
+        self._names: dict[type[msgspec.Struct], str] = {}
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         self._upcasters = dict(upcasters or {})
         self._direct: dict[str, Callable[[bytes], Any]] = {}
@@ -64,6 +67,7 @@ class EventCodec:
         if existing is not None and existing is not cls:
             raise ValueError(f"type name {name!r} is already registered to {existing.__name__}")
         self._types[name] = cls
+        self._names[cls] = name
         self._decoders[name] = msgspec.json.Decoder(cls)
         if name not in self._upcasters:
             self._direct[name] = self._decoders[name].decode
@@ -82,6 +86,9 @@ class EventCodec:
 
     def type_name(self, payload: msgspec.Struct) -> str:
         """The registered type name of a payload; raise :class:`UnknownEventType` otherwise."""
+        name = self._names.get(type(payload))
+        if name is not None:
+            return name
         name = _type_name(type(payload))
         if self._types.get(name) is not type(payload):
             raise UnknownEventType(name)

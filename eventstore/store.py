@@ -258,10 +258,16 @@ class EventStore:
         new_events = self._prepare(stream_id, events, expected_version)
         query, params = self._append_query(stream_id, new_events, expected_version)
         if connection is not None:
+            # Read before the statement: outside a transaction, in autocommit, it commits on
+            # its own, and then the subscribers may be woken.
+            autocommitted = (
+                connection.autocommit
+                and connection.pgconn.transaction_status == TransactionStatus.IDLE
+            )
             result = await self._append_on(
                 connection, stream_id, new_events, expected_version, query, params
             )
-            if connection.info.transaction_status == TransactionStatus.IDLE:
+            if autocommitted:
                 self.wake_subscribers()
             return result
         with translate_errors():
@@ -296,7 +302,7 @@ class EventStore:
             raise InvalidAppend(f"append to {stream_id!r} needs at least one event")
         prepared = [e if isinstance(e, NewEvent) else self.codec.new_event(e) for e in events]
         ids = [e.event_id for e in prepared]
-        if len(set(ids)) != len(ids):
+        if len(ids) > 1 and len(set(ids)) != len(ids):
             raise InvalidAppend(f"append to {stream_id!r} repeats an event id within the batch")
         for event in prepared:
             if not event.type:
@@ -351,7 +357,7 @@ class EventStore:
         # Exact versions and NO_STREAM fail the version check before inserting, so they need no
         # savepoint: only a race to the same version aborts the caller's transaction, and the
         # caller retries it from a fresh read.
-        in_caller_tx = conn.info.transaction_status == TransactionStatus.INTRANS
+        in_caller_tx = conn.pgconn.transaction_status == TransactionStatus.INTRANS
         retries_races = expected_version in (ANY, STREAM_EXISTS)
         needs_savepoint = in_caller_tx and retries_races
         for attempt in range(_RACE_ATTEMPTS if retries_races else 1):
@@ -404,7 +410,8 @@ class EventStore:
                 # snapshot could not see yet. Read again.
                 if last or exc.actual == 0:
                     raise
-        rows.sort(key=lambda r: r[2])
+        if len(rows) > 1:
+            rows.sort(key=lambda r: r[2])
         return AppendResult(
             stream_id=stream_id,
             version=rows[-1][2],

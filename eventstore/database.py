@@ -138,8 +138,8 @@ class LifoConnectionPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
     here (9 connections, one statement at a time): 92 us a statement against 142 us, and
     30 us less client CPU. Only the order changes: the pool still grows, shrinks (dropping
     the connection idle longest), checks and waits as psycopg_pool does. This overrides
-    ``_get_ready_connection`` (psycopg_pool 3.2 and 3.3); ``tests/test_database.py`` fails
-    if a psycopg_pool release changes what it does.
+    ``_get_ready_connection``, the same in psycopg_pool 3.2.6 and 3.3.3;
+    ``tests/test_database.py`` fails if a release changes what it does.
     """
 
     async def _get_ready_connection(

@@ -68,7 +68,7 @@ async def test_a_position_is_found_through_its_brin_index(
     pool: AsyncConnectionPool[Any], store: EventStore
 ) -> None:
     # The primary key is the global order, so a lookup by position alone has only the BRIN
-    # index: without it this would read the whole table.
+    # index: without it this would scan the whole table or the whole primary key.
     async with pool.connection() as conn:
         await _fill(conn)
         row = await (

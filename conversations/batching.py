@@ -24,6 +24,15 @@ the ``events_stream_version_key`` unique index, as any lost race does, and its c
 from a fresh read. When a batch's statement fails as a whole (such a unique violation, raised
 by one delivery), every caller in it is told so with :class:`BatchFailed` and runs its delivery
 alone, so an error reaches only the delivery that caused it.
+
+A delivery alone to a key whose last delivery found its conversation open (the service
+remembers such keys, with the connection's channel) first tries :data:`RECEIVE_TO_OPEN`: the
+same insert, read from the reservation and the conversation only. It skips the connection and
+contact rows that only a closed, new or snoozed-until-reply key needs, and costed about 15%
+less server time than :data:`RECEIVE_ONE` (see ``RECEIVE_TO_OPEN``). When it appends nothing,
+:data:`RECEIVE_ONE` runs next on the same connection and says why. The hint only picks which
+statement goes first: both check the same things, so a stale hint costs one statement more,
+never a wrong outcome.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 __all__ = [
     "RECEIVE_MANY",
     "RECEIVE_ONE",
+    "RECEIVE_TO_OPEN",
     "BatchFailed",
     "InboundBatcher",
     "InboundRow",
@@ -87,6 +97,46 @@ SELECT EXISTS (SELECT FROM appended), f.* FROM found f
 """
 
 
+#: :data:`RECEIVE_ONE`'s statement for a key believed to have an open conversation: the same
+#: insert and the same checks (the conversation open, or snoozed but not until this reply; the
+#: message not stored; the stream active), without the ``connections`` and ``contact_keys``
+#: rows. Its row is ``RECEIVE_ONE``'s shape when it appended: the channel is the caller's
+#: (``%(open_channel)s``), the reopen policy columns NULL (only a closed key needs them) and the
+#: contact the conversation's (a merge moves the conversation and the key's contact together).
+#: No row when it appended nothing. Measured on one connection against RECEIVE_ONE: about 130
+#: against 160 us of server CPU a delivery (the plain INSERT reference: 70).
+RECEIVE_TO_OPEN: Final = """
+WITH found AS (
+    SELECT r.conversation_id, r.stream_id,
+           v.status, v.deleted, v.closed_at, v.snoozed_until, v.snooze_until_reply,
+           (SELECT max(m.stream_version) FROM events m WHERE m.stream_id = r.stream_id)
+               AS version,
+           v.contact_id
+    FROM stream_reservations r
+    JOIN conversations v ON v.conversation_id = r.conversation_id
+    WHERE r.connection = %(connection)s AND r.psid = %(psid)s
+      AND (v.status = 'open' OR (v.status = 'snoozed' AND NOT v.snooze_until_reply))
+      AND NOT EXISTS (SELECT FROM events e WHERE e.event_id = %(event_id)s)
+      AND EXISTS (SELECT FROM streams s WHERE s.stream_id = r.stream_id AND s.state = 'active')
+),
+appended AS (
+    INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
+    SELECT %(event_id)s, f.stream_id, f.version + 1, 'conversation', 'MessageReceived',
+           %(data)s::jsonb || jsonb_build_object(
+               'conversation_id', f.conversation_id,
+               'provider', COALESCE(%(provider)s::text, %(open_channel)s::text)),
+           %(metadata)s::jsonb
+    FROM found f
+)
+-- The INSERT runs unreferenced, as every data-modifying WITH does: a found row is inserted, or
+-- the statement fails.
+SELECT true, %(open_channel)s::text, NULL::text, NULL::interval,
+       f.conversation_id, f.stream_id, f.status, f.deleted, f.closed_at, f.snoozed_until,
+       f.snooze_until_reply, f.version, f.contact_id, NULL::text
+FROM found f
+"""
+
+
 class InboundRow(NamedTuple):
     """One delivery of a batch: the statement's parameters for it."""
 
@@ -96,6 +146,9 @@ class InboundRow(NamedTuple):
     data: str
     provider: str | None
     metadata: str
+    #: the connection's channel when the key's last delivery found its conversation open: a
+    #: delivery alone then tries :data:`RECEIVE_TO_OPEN` first
+    open_channel: str | None = None
 
 
 class BatchFailed(Exception):
@@ -123,9 +176,15 @@ async def receive_many(
     """
     if len(rows) == 1:
         (one,) = rows
+        # The row's field names are the statements' parameter names.
+        params = one._asdict()
         async with pool.connection() as conn:
-            # The row's field names are the statement's parameter names.
-            cur = await conn.execute(RECEIVE_ONE, one._asdict())
+            if one.open_channel is not None:
+                cur = await conn.execute(RECEIVE_TO_OPEN, params)
+                found = await cur.fetchone()
+                if found is not None:
+                    return [tuple(found)]
+            cur = await conn.execute(RECEIVE_ONE, params)
             found = await cur.fetchone()
         return [None if found is None else tuple(found)]
     async with pool.connection() as conn:

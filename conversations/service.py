@@ -79,6 +79,8 @@ __all__ = [
 MAX_TEXT = 20_000
 MAX_ID = 500
 _ATTEMPTS: Final = 30
+#: Keys remembered as open by one service (see ``ConversationService._open_keys``).
+_OPEN_KEYS_LIMIT: Final = 100_000
 _T = TypeVar("_T")
 
 
@@ -356,6 +358,10 @@ class ConversationService:
         self.stats = ServiceStats()
         #: shares the first statement of concurrent ``receive_inbound`` calls
         self.batcher = InboundBatcher(self.pool)
+        #: (connection, psid) -> the connection's channel, for keys whose last delivery here
+        #: left their conversation open: a hint for which first statement to run (see
+        #: ``conversations.batching.RECEIVE_TO_OPEN``), never trusted for an outcome
+        self._open_keys: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -464,6 +470,7 @@ class ConversationService:
             reply_to=message.reply_to,
             quick_reply=message.quick_reply,
         )
+        key = (inbound.connection, inbound.psid)
         request = InboundRow(
             inbound.connection,
             inbound.psid,
@@ -471,6 +478,7 @@ class ConversationService:
             _ENCODE(payload).decode(),
             message.provider,
             _ENCODE(inbound.metadata).decode(),
+            self._open_keys.get(key),
         )
         if alone:
             row = (await receive_many(self.pool, [request]))[0]
@@ -481,7 +489,9 @@ class ConversationService:
         found = _Found(*row[1:])
         if row[0]:
             assert found.conversation_id is not None  # appended to it
+            self._remember_open(key, found.channel)
             return InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
+        self._open_keys.pop(key, None)
         if found.stored_in is not None:
             self.stats.duplicates_dropped += 1
             return InboundResult(
@@ -496,10 +506,10 @@ class ConversationService:
                 # statement), or the stream moved on since the read (the append's version
                 # check then fails and we retry).
                 async with conn.transaction():
-                    return await self._append_to_current(
+                    result = await self._append_to_current(
                         conn, inbound, found, payload, reopen=False
                     )
-            if (
+            elif (
                 found.conversation_id is not None
                 and not found.deleted
                 and _reopens(
@@ -507,9 +517,23 @@ class ConversationService:
                 )
             ):
                 async with conn.transaction():
-                    return await self._append_to_current(conn, inbound, found, payload, reopen=True)
-            # A new conversation: for a new key, or after a close the policy does not reopen.
-            return await self._open_for(conn, inbound, found, payload)
+                    result = await self._append_to_current(
+                        conn, inbound, found, payload, reopen=True
+                    )
+            else:
+                # A new conversation: for a new key, or after a close the policy does not
+                # reopen.
+                result = await self._open_for(conn, inbound, found, payload)
+        self._remember_open(key, found.channel)
+        return result
+
+    def _remember_open(self, key: tuple[str, str], channel: str) -> None:
+        """Note that the key's conversation was open after this delivery (see ``_open_keys``)."""
+        keys = self._open_keys
+        if len(keys) >= _OPEN_KEYS_LIMIT and key not in keys:
+            # Bounded; forgetting costs each key one RECEIVE_ONE, so no eviction order is kept.
+            keys.clear()
+        keys[key] = channel
 
     def _received(
         self,

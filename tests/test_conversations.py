@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from conversations.batching import InboundRow, receive_many
+from conversations.batching import RECEIVE_TO_OPEN, InboundRow, receive_many
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
@@ -404,6 +404,60 @@ async def test_one_batch_appends_several_messages_of_one_conversation_in_batch_o
         stored = await cur.fetchall()
     assert [version for _, version in stored] == [1, 2, 3, 4, 5, 6]
     assert [event_id for event_id, _ in stored[2:]] == ids
+
+
+async def test_a_key_hinted_open_appends_with_the_short_statement_or_falls_back(
+    service: ConversationService,
+) -> None:
+    first = await service.receive_inbound("fb", "hinted", msg("h-0"))
+    stream_id = f"conversation-{first.conversation_id}"
+
+    def row(event_id: uuid.UUID, hint: str | None = "messenger") -> InboundRow:
+        # The payload as the service sends it: the statement fills in the conversation.
+        payload = MessageReceived(uuid.UUID(int=0), event_id, "", str(event_id), "x", BASE, BASE)
+        data = CODEC.new_event(payload).data.decode()
+        return InboundRow("fb", "hinted", event_id, data, None, "{}", hint)
+
+    async def short(event_id: uuid.UUID) -> tuple[Any, ...] | None:
+        async with service.pool.connection() as conn:
+            cur = await conn.execute(RECEIVE_TO_OPEN, row(event_id)._asdict())
+            found = await cur.fetchone()
+        return None if found is None else tuple(found)
+
+    # Open: the short statement appends at the next version, in RECEIVE_ONE's row shape.
+    appended = await short(uuid7())
+    assert appended is not None and appended[0] is True
+    assert appended[1] == "messenger" and appended[4] == first.conversation_id
+    assert appended[5] == stream_id and appended[6] == "open" and appended[11] == 2
+    assert appended[12] == first.contact_id and appended[13] is None
+    assert await service.store.stream_version(stream_id) == 3
+    # A message already stored: the short statement appends nothing, and receive_many's
+    # fallback reports where it is.
+    stored_id = (await stream(service, first.conversation_id))[-1].event_id
+    assert await short(stored_id) is None
+    (duplicate,) = await receive_many(service.pool, [row(stored_id)])
+    assert duplicate is not None and duplicate[0] is False and duplicate[-1] == stream_id
+    # Closed, or snoozed until the customer's reply: nothing, then RECEIVE_ONE's reading.
+    await service.close(first.conversation_id, by="ann")
+    assert await short(uuid7()) is None
+    (closed,) = await receive_many(service.pool, [row(uuid7())])
+    assert closed is not None and closed[0] is False and closed[6] == "closed"
+    assert closed[2] == "new"  # the connection's policy, which the short statement leaves out
+    second = await service.receive_inbound("fb", "hinted", msg("h-1"))
+    assert second.opened and second.conversation_id != first.conversation_id
+    await service.snooze(second.conversation_id, by="ann", until=None)
+    assert await short(uuid7()) is None
+    # Through the service, whose hint is stale now: the reply unsnoozes as it would unhinted.
+    third = await service.receive_inbound("fb", "hinted", msg("h-2"))
+    assert third.conversation_id == second.conversation_id and not third.opened
+    assert (await service.conversation(second.conversation_id)).status == "open"
+    assert [e.type for e in await stream(service, second.conversation_id)][-2:] == [
+        "ConversationUnsnoozed",
+        "MessageReceived",
+    ]
+    # Stored nothing twice: every message id is in the log once.
+    received = await all_received(service)
+    assert len({e.event_id for e in received}) == len(received) == 4
 
 
 async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_miss(

@@ -45,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 __all__ = [
     "RECEIVE_MANY",
     "RECEIVE_ONE",
+    "RECEIVE_ONE_CTES",
     "RECEIVE_TO_OPEN",
     "BatchFailed",
     "InboundBatcher",
@@ -62,10 +63,9 @@ SELECT * FROM receive_inbound_batch(
 """
 
 
-#: One delivery's first step, as the ``(appended, *_Found)`` row the batch form returns after
-#: ``ord`` (no row when the connection is not registered); the same statement as the body of
-#: ``receive_inbound_batch``, with scalar parameters.
-RECEIVE_ONE: Final = """
+#: The reading and the insert of :data:`RECEIVE_ONE`, as the ``found`` and ``appended``
+#: common table expressions, for statements that go on with more of them.
+RECEIVE_ONE_CTES: Final = """
 WITH found AS (
     SELECT c.channel, c.reopen_policy, c.reopen_window,
            r.conversation_id, r.stream_id,
@@ -93,8 +93,13 @@ appended AS (
       AND EXISTS (SELECT FROM streams s WHERE s.stream_id = f.stream_id AND s.state = 'active')
     RETURNING 1
 )
-SELECT EXISTS (SELECT FROM appended), f.* FROM found f
 """
+
+#: One delivery's first step, as the ``(appended, *_Found)`` row the batch form returns after
+#: ``ord`` (no row when the connection is not registered); the same statement as the body of
+#: ``receive_inbound_batch``, with scalar parameters.
+_SELECT_FOUND = "SELECT EXISTS (SELECT FROM appended), f.* FROM found f\n"
+RECEIVE_ONE: Final = RECEIVE_ONE_CTES + _SELECT_FOUND
 
 
 #: :data:`RECEIVE_ONE`'s statement for a key believed to have an open conversation: the same

@@ -460,6 +460,48 @@ async def test_a_key_hinted_open_appends_with_the_short_statement_or_falls_back(
     assert len({e.event_id for e in received}) == len(received) == 4
 
 
+async def test_a_first_message_opens_its_conversation_with_the_statement_that_reads_the_key(
+    service: ConversationService,
+) -> None:
+    pool = service.pool
+    await service.receive_inbound("fb", "warm-up", msg("w-0"))  # learns the channel of fb
+    pool.pop_stats()
+    first = await service.receive_inbound("fb", "newcomer", msg("n-0"))
+    # One pool connection, so one statement: the reading and the opening went together.
+    assert pool.pop_stats().get("requests_num") == 1
+    assert first.opened and first.contact_id is not None
+    opened, received = await stream(service, first.conversation_id)
+    assert opened.type == "ConversationOpened" and opened.stream_version == 1
+    assert opened.data.channel == "messenger" and opened.data.contact_id == first.contact_id
+    assert received.event_id == first.message_id and received.stream_version == 2
+    assert received.data.conversation_id == first.conversation_id
+    assert received.data.provider == "messenger" and received.data.text == "text n-0"
+    contact_events = await service.store.read_stream(f"contact-{first.contact_id}")
+    assert [e.type for e in contact_events] == ["ContactCreated"]
+    assert opened.position < received.position and contact_events[0].position < opened.position
+    # Services that never saw the key: a redelivery stays one message, a second message goes
+    # to the same conversation, and two first messages of a new key racing make one.
+    others = [ConversationService(service.store) for _ in range(2)]
+    for other in others:
+        await other.receive_inbound("fb", "warm-up", msg("w-1"))
+    again = await others[0].receive_inbound("fb", "newcomer", msg("n-0"))
+    assert again.duplicate and again.conversation_id == first.conversation_id
+    second = await others[1].receive_inbound("fb", "newcomer", msg("n-1"))
+    assert second.conversation_id == first.conversation_id and not second.opened
+    racing = await asyncio.gather(
+        *(other.receive_inbound("fb", "racer", msg(f"r-{n}")) for n in range(2) for other in others)
+    )
+    assert len({r.conversation_id for r in racing}) == 1
+    assert sum(r.opened for r in racing) == 1
+    # A guest who signed up has a contact and no conversation: the first message opens one
+    # for that contact (after the reading says so).
+    guest = await service.guest_sign_up("web", username="gus")
+    await service.receive_inbound("web", "warm-up", msg("w-2"))
+    first_words = await service.receive_inbound("web", guest.guest_id, msg("g-0"))
+    assert first_words.opened and first_words.contact_id == guest.contact_id
+    assert (await open_counts(service))[("web", guest.guest_id)] == 1
+
+
 async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_miss(
     pool: AsyncConnectionPool[Any],
 ) -> None:

@@ -465,6 +465,7 @@ async def test_a_first_message_opens_its_conversation_with_the_statement_that_re
 ) -> None:
     pool = service.pool
     await service.receive_inbound("fb", "warm-up", msg("w-0"))  # learns the channel of fb
+    await service.store.close()  # its wake-up sent, so the count below is the delivery's alone
     pool.pop_stats()
     first = await service.receive_inbound("fb", "newcomer", msg("n-0"))
     # One pool connection, so one statement: the reading and the opening went together.

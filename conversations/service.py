@@ -409,10 +409,10 @@ class ConversationService:
         self.stats = ServiceStats()
         #: shares the first statement of concurrent ``receive_inbound`` calls
         self.batcher = InboundBatcher(self.pool)
-        #: (connection, psid) -> the connection's channel, for keys whose last delivery here
-        #: left their conversation open: a hint for which first statement to run (see
+        #: (connection, psid) of the keys whose last delivery here left their conversation
+        #: open: a hint for which first statement to run (see
         #: ``conversations.batching.RECEIVE_TO_OPEN``), never trusted for an outcome
-        self._open_keys: dict[tuple[str, str], str] = {}
+        self._open_keys: set[tuple[str, str]] = set()
         #: connection -> its channel (which never changes), as read by a delivery
         self._channels: dict[str, Channel] = {}
 
@@ -525,6 +525,8 @@ class ConversationService:
             quick_reply=message.quick_reply,
         )
         key = (inbound.connection, inbound.psid)
+        # Known whenever the key is: every reading of a key returns its connection's channel.
+        channel = self._channels.get(inbound.connection)
         request = InboundRow(
             inbound.connection,
             inbound.psid,
@@ -532,9 +534,8 @@ class ConversationService:
             _ENCODE(payload).decode(),
             message.provider,
             _ENCODE(inbound.metadata).decode(),
-            self._open_keys.get(key),
+            channel if key in self._open_keys else None,
         )
-        channel = self._channels.get(inbound.connection)
         if request.open_channel is None and channel is not None:
             # Not known to be open: perhaps a first message, which this statement also opens.
             opening = self._opening(inbound, payload, channel, None)
@@ -543,7 +544,7 @@ class ConversationService:
                 cur = await conn.execute(_RECEIVE_OR_OPEN, opening.params)
                 either = await cur.fetchone()
             if either is not None and either[1]:
-                self._remember_open(key, channel)
+                self._remember_open(key)
                 return opening.result
             row = None if either is None else (either[0], *either[2:])
         elif alone:
@@ -556,9 +557,9 @@ class ConversationService:
         self._channels[inbound.connection] = found.channel
         if row[0]:
             assert found.conversation_id is not None  # appended to it
-            self._remember_open(key, found.channel)
+            self._remember_open(key)
             return InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
-        self._open_keys.pop(key, None)
+        self._open_keys.discard(key)
         if found.stored_in is not None:
             self.stats.duplicates_dropped += 1
             return InboundResult(
@@ -591,16 +592,16 @@ class ConversationService:
                 # A new conversation: for a new key, or after a close the policy does not
                 # reopen.
                 result = await self._open_for(conn, inbound, found, payload)
-        self._remember_open(key, found.channel)
+        self._remember_open(key)
         return result
 
-    def _remember_open(self, key: tuple[str, str], channel: str) -> None:
+    def _remember_open(self, key: tuple[str, str]) -> None:
         """Note that the key's conversation was open after this delivery (see ``_open_keys``)."""
         keys = self._open_keys
         if len(keys) >= _OPEN_KEYS_LIMIT and key not in keys:
             # Bounded; forgetting costs each key one RECEIVE_ONE, so no eviction order is kept.
             keys.clear()
-        keys[key] = channel
+        keys.add(key)
 
     def _received(
         self,

@@ -33,7 +33,14 @@ from eventstore import (
 )
 from eventstore.errors import raise_translated, translate_errors
 
-from .batching import RECEIVE_ONE_CTES, BatchFailed, InboundBatcher, InboundRow, receive_many
+from .batching import (
+    RECEIVE_ONE_CTES,
+    BatchFailed,
+    InboundBatcher,
+    InboundRow,
+    OpenHint,
+    receive_many,
+)
 from .connections import Channel
 from .delivery import META_CHANNELS, check_reply, confirm_echo, reply_in_metadata
 from .errors import (
@@ -409,10 +416,10 @@ class ConversationService:
         self.stats = ServiceStats()
         #: shares the first statement of concurrent ``receive_inbound`` calls
         self.batcher = InboundBatcher(self.pool)
-        #: (connection, psid) of the keys whose last delivery here left their conversation
-        #: open: a hint for which first statement to run (see
+        #: (connection, psid) -> what this service saw of the key's conversation when its last
+        #: delivery here left it open: a hint for which first statement to run (see
         #: ``conversations.batching.RECEIVE_TO_OPEN``), never trusted for an outcome
-        self._open_keys: set[tuple[str, str]] = set()
+        self._open_keys: dict[tuple[str, str], OpenHint] = {}
         #: connection -> its channel (which never changes), as read by a delivery
         self._channels: dict[str, Channel] = {}
 
@@ -512,10 +519,20 @@ class ConversationService:
         """One attempt: append to the open conversation, or decide from the same read."""
         message = inbound.message
         now = _now()
+        key = (inbound.connection, inbound.psid)
+        hint = self._open_keys.get(key)
+        # The first statement fills in the conversation and the provider, unless the hint
+        # names them: RECEIVE_TO_OPEN stores the data as it comes (the same JSON as filled).
         payload = MessageReceived(
-            conversation_id=_FILLED_BY_SQL,
+            conversation_id=_FILLED_BY_SQL if hint is None else hint.conversation_id,
             message_id=inbound.message_id,
-            provider=message.provider or "",
+            provider=(
+                message.provider or ""
+                if hint is None
+                else message.provider
+                if message.provider is not None
+                else hint.channel
+            ),
             provider_message_id=message.provider_message_id,
             text=message.text,
             sent_at=message.sent_at,
@@ -524,7 +541,6 @@ class ConversationService:
             reply_to=message.reply_to,
             quick_reply=message.quick_reply,
         )
-        key = (inbound.connection, inbound.psid)
         # Known whenever the key is: every reading of a key returns its connection's channel.
         channel = self._channels.get(inbound.connection)
         request = InboundRow(
@@ -534,9 +550,9 @@ class ConversationService:
             _ENCODE(payload).decode(),
             message.provider,
             _ENCODE(inbound.metadata).decode(),
-            channel if key in self._open_keys else None,
+            hint,
         )
-        if request.open_channel is None and channel is not None:
+        if hint is None and channel is not None:
             # Not known to be open: perhaps a first message, which this statement also opens.
             opening = self._opening(inbound, payload, channel, None)
             opening.params.update(request._asdict(), channel=channel)
@@ -544,7 +560,8 @@ class ConversationService:
                 cur = await conn.execute(_RECEIVE_OR_OPEN, opening.params)
                 either = await cur.fetchone()
             if either is not None and either[1]:
-                self._remember_open(key)
+                # ConversationOpened and the message: the new stream is at version 2.
+                self._remember_open(key, channel, opening.result, 2)
                 return opening.result
             row = None if either is None else (either[0], *either[2:])
         elif alone:
@@ -556,10 +573,11 @@ class ConversationService:
         found = _Found(*row[1:])
         self._channels[inbound.connection] = found.channel
         if row[0]:
-            assert found.conversation_id is not None  # appended to it
-            self._remember_open(key)
-            return InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
-        self._open_keys.discard(key)
+            assert found.conversation_id is not None and found.version is not None  # appended
+            result = InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
+            self._remember_open(key, found.channel, result, found.version + 1)
+            return result
+        self._open_keys.pop(key, None)
         if found.stored_in is not None:
             self.stats.duplicates_dropped += 1
             return InboundResult(
@@ -592,16 +610,23 @@ class ConversationService:
                 # A new conversation: for a new key, or after a close the policy does not
                 # reopen.
                 result = await self._open_for(conn, inbound, found, payload)
-        self._remember_open(key)
+                self._remember_open(key, found.channel, result, 2)
+        # (A reopening or an unsnooze leaves no hint: the next delivery reads the key.)
         return result
 
-    def _remember_open(self, key: tuple[str, str]) -> None:
-        """Note that the key's conversation was open after this delivery (see ``_open_keys``)."""
+    def _remember_open(
+        self, key: tuple[str, str], channel: str, result: InboundResult, version: int
+    ) -> None:
+        """Note what this delivery left: the key's conversation open, its stream at
+        ``version`` (see ``_open_keys``)."""
         keys = self._open_keys
+        if result.contact_id is None:  # RECEIVE_TO_OPEN checks the contact: no use hinting
+            keys.pop(key, None)
+            return
         if len(keys) >= _OPEN_KEYS_LIMIT and key not in keys:
             # Bounded; forgetting costs each key one RECEIVE_ONE, so no eviction order is kept.
             keys.clear()
-        keys.add(key)
+        keys[key] = OpenHint(channel, result.conversation_id, result.contact_id, version)
 
     def _received(
         self,

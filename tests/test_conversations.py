@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from psycopg import errors as psycopg_errors
 from psycopg_pool import AsyncConnectionPool
 
-from conversations.batching import RECEIVE_TO_OPEN, InboundRow, receive_many
+from conversations.batching import RECEIVE_TO_OPEN, InboundRow, OpenHint, receive_many
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
@@ -406,48 +407,81 @@ async def test_one_batch_appends_several_messages_of_one_conversation_in_batch_o
     assert [event_id for event_id, _ in stored[2:]] == ids
 
 
-async def test_a_key_hinted_open_appends_with_the_short_statement_or_falls_back(
+async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     service: ConversationService,
 ) -> None:
     first = await service.receive_inbound("fb", "hinted", msg("h-0"))
     stream_id = f"conversation-{first.conversation_id}"
+    assert first.contact_id is not None
+    hint = OpenHint("messenger", first.conversation_id, first.contact_id, 2)
 
-    def row(event_id: uuid.UUID, hint: str | None = "messenger") -> InboundRow:
-        # The payload as the service sends it: the statement fills in the conversation.
-        payload = MessageReceived(uuid.UUID(int=0), event_id, "", str(event_id), "x", BASE, BASE)
+    def row(event_id: uuid.UUID, hint: OpenHint) -> InboundRow:
+        # The payload as the service sends it with a hint: conversation and provider filled in.
+        payload = MessageReceived(
+            hint.conversation_id, event_id, "messenger", str(event_id), "x", BASE, BASE
+        )
         data = CODEC.new_event(payload).data.decode()
         return InboundRow("fb", "hinted", event_id, data, None, "{}", hint)
 
-    async def short(event_id: uuid.UUID) -> tuple[Any, ...] | None:
+    async def direct(event_id: uuid.UUID, hint: OpenHint) -> list[tuple[Any, ...]]:
+        """RECEIVE_TO_OPEN alone: the versions it appended (none, or one)."""
+        params = {
+            "event_id": event_id,
+            "stream_id": hint.stream_id,
+            "version": hint.version,
+            "conversation_id": hint.conversation_id,
+            "contact_id": hint.contact_id,
+            "data": row(event_id, hint).data,
+            "metadata": "{}",
+        }
         async with service.pool.connection() as conn:
-            cur = await conn.execute(RECEIVE_TO_OPEN, row(event_id)._asdict())
-            found = await cur.fetchone()
-        return None if found is None else tuple(found)
+            return await (await conn.execute(RECEIVE_TO_OPEN, params)).fetchall()
 
-    # Open: the short statement appends at the next version, in RECEIVE_ONE's row shape.
-    appended = await short(uuid7())
-    assert appended is not None and appended[0] is True
-    assert appended[1] == "messenger" and appended[4] == first.conversation_id
-    assert appended[5] == stream_id and appended[6] == "open" and appended[11] == 2
-    assert appended[12] == first.contact_id and appended[13] is None
+    # A true hint: one insert at the next version, stored as RECEIVE_ONE stores the message.
+    first_id = uuid7()
+    assert await direct(first_id, hint) == [(3,)]
+    stored = (await stream(service, first.conversation_id))[-1]
+    assert stored.event_id == first_id and stored.stream_version == 3
+    assert stored.data.conversation_id == first.conversation_id
+    assert stored.data.provider == "messenger"
+    # Anything the hint no longer tells right appends nothing, and the database says so: a
+    # version taken since (unique violation), a version the stream never reached, a contact
+    # the conversation no longer has.
+    with pytest.raises(psycopg_errors.UniqueViolation) as taken:
+        await direct(uuid7(), hint)
+    assert taken.value.diag.constraint_name == "events_stream_version_key"
+    assert await direct(uuid7(), hint._replace(version=9)) == []
+    assert await direct(uuid7(), hint._replace(contact_id=uuid7())) == []
     assert await service.store.stream_version(stream_id) == 3
-    # A message already stored: the short statement appends nothing, and receive_many's
-    # fallback reports where it is.
-    stored_id = (await stream(service, first.conversation_id))[-1].event_id
-    assert await short(stored_id) is None
-    (duplicate,) = await receive_many(service.pool, [row(stored_id)])
+    # Through receive_many, a stale version falls back to RECEIVE_ONE, which appends after the
+    # version it reads; RECEIVE_ONE's row says what the hint knew and the version before.
+    (late,) = await receive_many(service.pool, [row(uuid7(), hint)])
+    assert late is not None and late[0] is True and late[11] == 3
+    (hinted,) = await receive_many(service.pool, [row(uuid7(), hint._replace(version=4))])
+    assert hinted is not None and hinted[0] is True and hinted[11] == 4
+    assert hinted[4] == first.conversation_id and hinted[12] == first.contact_id
+    assert await service.store.stream_version(stream_id) == 5
+    # A redelivery fails on the event id, and the fallback reports where the message is.
+    with pytest.raises(psycopg_errors.UniqueViolation) as again:
+        await direct(first_id, hint._replace(version=5))
+    assert again.value.diag.constraint_name == "events_event_id_key"
+    (duplicate,) = await receive_many(service.pool, [row(first_id, hint._replace(version=5))])
     assert duplicate is not None and duplicate[0] is False and duplicate[-1] == stream_id
     # Closed, or snoozed until the customer's reply: nothing, then RECEIVE_ONE's reading.
     await service.close(first.conversation_id, by="ann")
-    assert await short(uuid7()) is None
-    (closed,) = await receive_many(service.pool, [row(uuid7())])
+    closing = hint._replace(version=6)
+    assert await direct(uuid7(), closing) == []
+    (closed,) = await receive_many(service.pool, [row(uuid7(), closing)])
     assert closed is not None and closed[0] is False and closed[6] == "closed"
-    assert closed[2] == "new"  # the connection's policy, which the short statement leaves out
+    assert closed[2] == "new"  # the connection's policy
+    # Through the service, whose hint is stale now: it opens the next conversation.
     second = await service.receive_inbound("fb", "hinted", msg("h-1"))
     assert second.opened and second.conversation_id != first.conversation_id
     await service.snooze(second.conversation_id, by="ann", until=None)
-    assert await short(uuid7()) is None
-    # Through the service, whose hint is stale now: the reply unsnoozes as it would unhinted.
+    assert second.contact_id is not None
+    snoozed = OpenHint("messenger", second.conversation_id, second.contact_id, 3)
+    assert await direct(uuid7(), snoozed) == []
+    # The reply unsnoozes as it would unhinted; then the service's hint is good again.
     third = await service.receive_inbound("fb", "hinted", msg("h-2"))
     assert third.conversation_id == second.conversation_id and not third.opened
     assert (await service.conversation(second.conversation_id)).status == "open"
@@ -455,9 +489,45 @@ async def test_a_key_hinted_open_appends_with_the_short_statement_or_falls_back(
         "ConversationUnsnoozed",
         "MessageReceived",
     ]
+    for n in range(3, 6):
+        more = await service.receive_inbound("fb", "hinted", msg(f"h-{n}"))
+        assert more.conversation_id == second.conversation_id and not more.duplicate
+    assert (await stream(service, second.conversation_id))[-1].stream_version == 8
+    # The service's hint follows the stream, so its next delivery needs only the insert.
+    assert service._open_keys["fb", "hinted"] == snoozed._replace(version=8)
     # Stored nothing twice: every message id is in the log once.
     received = await all_received(service)
-    assert len({e.event_id for e in received}) == len(received) == 4
+    assert len({e.event_id for e in received}) == len(received) == 9
+
+
+async def test_a_service_with_a_stale_hint_stores_each_message_once_where_it_belongs(
+    service: ConversationService,
+) -> None:
+    # Two services take turns on one key: each one's hint goes stale whenever the other
+    # appends, and the other closes the conversation in between.
+    other = ConversationService(service.store)
+    results = []
+    for n in range(12):
+        receiver = (service, other)[n % 2]
+        results.append(await receiver.receive_inbound("fb", "shared", msg(f"s-{n}")))
+        if n == 6:
+            await other.close(results[-1].conversation_id, by="ann")
+    before, after = results[:7], results[7:]
+    assert len({r.conversation_id for r in before}) == 1
+    assert len({r.conversation_id for r in after}) == 1
+    assert before[0].conversation_id != after[0].conversation_id and after[0].opened
+    # Redelivered to the service that did not store them: duplicates, in their conversations.
+    for n, result in enumerate(results):
+        again = await (other, service)[n % 2].receive_inbound("fb", "shared", msg(f"s-{n}"))
+        assert again.duplicate and again.conversation_id == result.conversation_id
+    for conversation in (before[0], after[0]):
+        events = await stream(service, conversation.conversation_id)
+        assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in await stream(service, before[0].conversation_id)][-1] == (
+        "ConversationClosed"
+    )
+    received = await all_received(service)
+    assert len(received) == len({e.event_id for e in received}) == 12
 
 
 async def test_a_first_message_opens_its_conversation_with_the_statement_that_reads_the_key(

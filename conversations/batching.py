@@ -146,14 +146,11 @@ class OpenHint(NamedTuple):
 
     channel: str
     conversation_id: Any  # uuid.UUID
+    #: the conversation's stream (kept: formatting a UUID costs more than the rest of a hint)
+    stream_id: str
     contact_id: Any  # uuid.UUID
     #: the stream's version after that delivery
     version: int
-
-    @property
-    def stream_id(self) -> str:
-        """The conversation's stream."""
-        return f"conversation-{self.conversation_id}"
 
 
 class InboundRow(NamedTuple):

@@ -626,7 +626,14 @@ class ConversationService:
         if len(keys) >= _OPEN_KEYS_LIMIT and key not in keys:
             # Bounded; forgetting costs each key one RECEIVE_ONE, so no eviction order is kept.
             keys.clear()
-        keys[key] = OpenHint(channel, result.conversation_id, result.contact_id, version)
+        conversation_id = result.conversation_id
+        hint = keys.get(key)
+        stream_id = (
+            hint.stream_id
+            if hint is not None and hint.conversation_id == conversation_id
+            else conversation_stream(conversation_id)
+        )
+        keys[key] = OpenHint(channel, conversation_id, stream_id, result.contact_id, version)
 
     def _received(
         self,

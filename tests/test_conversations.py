@@ -413,7 +413,7 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     first = await service.receive_inbound("fb", "hinted", msg("h-0"))
     stream_id = f"conversation-{first.conversation_id}"
     assert first.contact_id is not None
-    hint = OpenHint("messenger", first.conversation_id, first.contact_id, 2)
+    hint = OpenHint("messenger", first.conversation_id, stream_id, first.contact_id, 2)
 
     def row(event_id: uuid.UUID, hint: OpenHint) -> InboundRow:
         # The payload as the service sends it with a hint: conversation and provider filled in.
@@ -479,7 +479,13 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     assert second.opened and second.conversation_id != first.conversation_id
     await service.snooze(second.conversation_id, by="ann", until=None)
     assert second.contact_id is not None
-    snoozed = OpenHint("messenger", second.conversation_id, second.contact_id, 3)
+    snoozed = OpenHint(
+        "messenger",
+        second.conversation_id,
+        f"conversation-{second.conversation_id}",
+        second.contact_id,
+        3,
+    )
     assert await direct(uuid7(), snoozed) == []
     # The reply unsnoozes as it would unhinted; then the service's hint is good again.
     third = await service.receive_inbound("fb", "hinted", msg("h-2"))

@@ -521,18 +521,18 @@ class ConversationService:
         now = _now()
         key = (inbound.connection, inbound.psid)
         hint = self._open_keys.get(key)
-        # The first statement fills in the conversation and the provider, unless the hint
-        # names them: RECEIVE_TO_OPEN stores the data as it comes (the same JSON as filled).
+        # The first statement fills in the conversation and the provider (the connection's
+        # channel unless the message names one), except RECEIVE_TO_OPEN, which stores the data
+        # as it comes: with a hint they are filled in here, to the same JSON.
+        if hint is None:
+            conversation_id, provider = _FILLED_BY_SQL, message.provider or ""
+        else:
+            conversation_id = hint.conversation_id
+            provider = hint.channel if message.provider is None else message.provider
         payload = MessageReceived(
-            conversation_id=_FILLED_BY_SQL if hint is None else hint.conversation_id,
+            conversation_id=conversation_id,
             message_id=inbound.message_id,
-            provider=(
-                message.provider or ""
-                if hint is None
-                else message.provider
-                if message.provider is not None
-                else hint.channel
-            ),
+            provider=provider,
             provider_message_id=message.provider_message_id,
             text=message.text,
             sent_at=message.sent_at,

@@ -125,6 +125,10 @@ RECEIVE_ONE: Final = RECEIVE_ONE_CTES + _SELECT_FOUND
 # rollback, which readers of the log never wait on. Either way RECEIVE_ONE runs next and
 # decides, as without the hint.
 #
+# The contact is compared with IS NOT DISTINCT FROM, which no index serves, so that the plan
+# finds the conversation by its primary key: with "=", PostgreSQL's generic plan may take the
+# contact's index and read every conversation the contact ever had.
+#
 # Measured on one connection, in six interleaved runs of 3000 deliveries each: a median of 158
 # us of server CPU a delivery against 190 for the reading form it replaces (reservation and
 # conversation read in a common table expression, the max() and event id probes).
@@ -134,7 +138,7 @@ SELECT %(event_id)s, p.stream_id, p.stream_version + 1, 'conversation', 'Message
        %(data)s::jsonb, %(metadata)s::jsonb
 FROM events p, conversations v, streams s
 WHERE p.stream_id = %(stream_id)s AND p.stream_version = %(version)s
-  AND v.conversation_id = %(conversation_id)s AND v.contact_id = %(contact_id)s
+  AND v.conversation_id = %(conversation_id)s AND v.contact_id IS NOT DISTINCT FROM %(contact_id)s
   AND (v.status = 'open' OR (v.status = 'snoozed' AND NOT v.snooze_until_reply))
   AND s.stream_id = %(stream_id)s AND s.state = 'active'
 RETURNING stream_version

@@ -506,6 +506,38 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     assert len({e.event_id for e in received}) == len(received) == 9
 
 
+async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_plan(
+    service: ConversationService,
+) -> None:
+    # Keys with a conversation each, and statistics that say so: the contact's index then
+    # looks as selective as the primary key, and "=" on the contact let the planner take it
+    # (a contact with many conversations would have them all read).
+    for n in range(300):
+        await service.receive_inbound("fb", f"one-{n}", msg(f"o-{n}"))
+    async with service.pool.connection() as conn:
+        await conn.execute("ANALYZE conversations")
+    statement = RECEIVE_TO_OPEN
+    names = ("event_id", "stream_id", "version", "conversation_id", "contact_id", "data")
+    for n, name in enumerate((*names, "metadata"), 1):
+        statement = statement.replace(f"%({name})s", f"${n}")
+    async with service.pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(
+            "PREPARE hinted (uuid, text, bigint, uuid, uuid, text, text) AS " + statement
+        )
+        cur = await conn.execute(
+            "EXPLAIN EXECUTE hinted"
+            " (gen_random_uuid(), 'conversation-x', 1, gen_random_uuid(), gen_random_uuid(),"
+            " '{}', '{}')"
+        )
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+        await conn.execute("DEALLOCATE hinted")
+    assert "Seq Scan" not in plan, plan
+    for index in ("events_stream_version_key", "conversations_pkey", "streams_pkey"):
+        assert index in plan, plan
+    assert "conversations_contact_idx" not in plan, plan
+
+
 async def test_a_service_with_a_stale_hint_stores_each_message_once_where_it_belongs(
     service: ConversationService,
 ) -> None:

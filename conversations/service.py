@@ -561,7 +561,7 @@ class ConversationService:
                 either = await cur.fetchone()
             if either is not None and either[1]:
                 # ConversationOpened and the message: the new stream is at version 2.
-                self._remember_open(key, channel, opening.result, 2)
+                self._remember_open(key, channel, opening.result, opening.params["stream_id"], 2)
                 return opening.result
             row = None if either is None else (either[0], *either[2:])
         elif alone:
@@ -573,9 +573,11 @@ class ConversationService:
         found = _Found(*row[1:])
         self._channels[inbound.connection] = found.channel
         if row[0]:
-            assert found.conversation_id is not None and found.version is not None  # appended
+            # Appended to it, so the key has a conversation, a stream and a version.
+            assert found.conversation_id is not None and found.stream_id is not None
+            assert found.version is not None
             result = InboundResult(found.conversation_id, inbound.message_id, found.contact_id)
-            self._remember_open(key, found.channel, result, found.version + 1)
+            self._remember_open(key, found.channel, result, found.stream_id, found.version + 1)
             return result
         self._open_keys.pop(key, None)
         if found.stored_in is not None:
@@ -610,12 +612,18 @@ class ConversationService:
                 # A new conversation: for a new key, or after a close the policy does not
                 # reopen.
                 result = await self._open_for(conn, inbound, found, payload)
-                self._remember_open(key, found.channel, result, 2)
+                stream_id = conversation_stream(result.conversation_id)
+                self._remember_open(key, found.channel, result, stream_id, 2)
         # (A reopening or an unsnooze leaves no hint: the next delivery reads the key.)
         return result
 
     def _remember_open(
-        self, key: tuple[str, str], channel: str, result: InboundResult, version: int
+        self,
+        key: tuple[str, str],
+        channel: str,
+        result: InboundResult,
+        stream_id: str,
+        version: int,
     ) -> None:
         """Note what this delivery left: the key's conversation open, its stream at
         ``version`` (see ``_open_keys``)."""
@@ -626,14 +634,7 @@ class ConversationService:
         if len(keys) >= _OPEN_KEYS_LIMIT and key not in keys:
             # Bounded; forgetting costs each key one RECEIVE_ONE, so no eviction order is kept.
             keys.clear()
-        conversation_id = result.conversation_id
-        hint = keys.get(key)
-        stream_id = (
-            hint.stream_id
-            if hint is not None and hint.conversation_id == conversation_id
-            else conversation_stream(conversation_id)
-        )
-        keys[key] = OpenHint(channel, conversation_id, stream_id, result.contact_id, version)
+        keys[key] = OpenHint(channel, result.conversation_id, stream_id, result.contact_id, version)
 
     def _received(
         self,

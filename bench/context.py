@@ -235,8 +235,10 @@ class BenchContext:
         due, and it then ran during the next path's rounds, on some rounds more than others
         (seen: ``VACUUM ANALYZE public.events`` through the first 35 s of ``ingest_c8``, whose
         rounds ran a third slower until it ended, and the cluster's WAL a delivery tripled).
-        Settled, each path measures its own cost. CHECKPOINT needs the pg_checkpoint role on a
-        server we do not own; without it the path starts unsettled on that count only.
+        Settled, each path measures its own cost. The ANALYZE also makes the server plan the
+        statements prepared so far again, with the tables' current sizes. CHECKPOINT needs the
+        pg_checkpoint role on a server we do not own; without it the path starts unsettled on
+        that count only.
         """
         await self.admin.execute("VACUUM (ANALYZE)")
         try:

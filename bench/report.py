@@ -91,7 +91,11 @@ def _markdown(run: RunResult) -> str:
         f" {run.timing.round_seconds}s each for the path and for its reference (fixed-work"
         f" paths: the whole work each round), no new round after"
         f" {run.timing.path_budget_seconds}s per path"
-        + ("" if run.mode == "quick" else "; each path after VACUUM (ANALYZE) and CHECKPOINT"),
+        + (
+            ""
+            if run.mode == "quick"
+            else "; each path's rounds after its warm-up, VACUUM (ANALYZE) and CHECKPOINT"
+        ),
         f"- payload: mean {run.payload_bytes:.0f} bytes of JSON data and"
         f" {run.metadata_bytes:.0f} bytes of metadata per event",
         "",

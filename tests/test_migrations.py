@@ -157,3 +157,41 @@ def test_cli_migrate_twice_concurrently(empty_database_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("applied 0001" in out for out, _ in outs) == 1
     check_schema(empty_database_url)
+
+
+def test_the_domain_migration_keeps_stored_events_and_refuses_bad_rows(
+    empty_database_url: str,
+) -> None:
+    """0008 moves the append CHECKs into domains: stored rows stay, bad rows are still refused."""
+    known = load_migrations()
+    before = [m for m in known if m.version < 8]
+    migrate(empty_database_url, before)
+    insert_event = (
+        "INSERT INTO events (event_id, stream_id, stream_version, category, type, data)"
+        " VALUES (gen_random_uuid(), 'chat-1', %s, 'chat', %s, '{}')"
+    )
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO streams (stream_id, category) VALUES ('chat-1', 'chat')")
+        for version in (1, 2):
+            conn.execute(insert_event, (version, "Said"))
+    migrate(empty_database_url)
+    check_schema(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT stream_version, type FROM events ORDER BY stream_version"
+        ).fetchall()
+        assert rows == [(1, "Said"), (2, "Said")]
+        refused = {
+            "stream_version_check": (insert_event, (0, "Said")),
+            "event_type_check": (insert_event, (3, "")),
+            "stream_state_check": (
+                "UPDATE streams SET state = %s WHERE stream_id = 'chat-1'",
+                ("gone",),
+            ),
+        }
+        for constraint, (statement, params) in refused.items():
+            with pytest.raises(psycopg.errors.CheckViolation) as caught:
+                conn.execute(statement, params)
+            assert caught.value.diag.constraint_name == constraint
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (2,)
+        assert conn.execute("SELECT state FROM streams").fetchone() == ("active",)

@@ -162,7 +162,8 @@ def test_cli_migrate_twice_concurrently(empty_database_url: str) -> None:
 def test_the_domain_migration_keeps_stored_events_and_refuses_bad_rows(
     empty_database_url: str,
 ) -> None:
-    """0008 moves the append CHECKs into domains: stored rows stay, bad rows are still refused."""
+    """0008 moves the append CHECKs into domains without rewriting a table or an index: stored
+    rows stay, bad rows are still refused."""
     known = load_migrations()
     before = [m for m in known if m.version < 8]
     migrate(empty_database_url, before)
@@ -170,13 +171,23 @@ def test_the_domain_migration_keeps_stored_events_and_refuses_bad_rows(
         "INSERT INTO events (event_id, stream_id, stream_version, category, type, data)"
         " VALUES (gen_random_uuid(), 'chat-1', %s, 'chat', %s, '{}')"
     )
+    # The files of events, streams and their indexes: the migration must rewrite none.
+    files = """
+        SELECT c.relname, pg_relation_filenode(c.oid) FROM pg_class c
+        WHERE c.relname IN ('events', 'streams')
+           OR c.oid IN (SELECT indexrelid FROM pg_index
+                        WHERE indrelid IN ('events'::regclass, 'streams'::regclass))
+        ORDER BY 1
+    """
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("INSERT INTO streams (stream_id, category) VALUES ('chat-1', 'chat')")
         for version in (1, 2):
             conn.execute(insert_event, (version, "Said"))
+        files_before = conn.execute(files).fetchall()
     migrate(empty_database_url)
     check_schema(empty_database_url)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert conn.execute(files).fetchall() == files_before
         rows = conn.execute(
             "SELECT stream_version, type FROM events ORDER BY stream_version"
         ).fetchall()

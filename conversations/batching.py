@@ -36,11 +36,15 @@ a stale hint costs one statement more, never a wrong outcome.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import uuid
 from typing import Any, Final, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
+
+from .connections import Channel
 
 __all__ = [
     "RECEIVE_MANY",
@@ -48,15 +52,16 @@ __all__ = [
     "RECEIVE_ONE_CTES",
     "RECEIVE_TO_OPEN",
     "BatchFailed",
+    "FirstStep",
     "InboundBatcher",
     "InboundRow",
     "OpenHint",
     "receive_many",
 ]
 
-#: One row per delivery that names a registered connection: its index in the batch, whether it
-#: was appended, then the key as read (``conversations.service._Found``'s columns). The
-#: statement itself is ``receive_inbound_batch`` in ``sql/0005_receive_inbound_batch.sql``.
+#: One row per delivery that names a registered connection: its index in the batch, then a
+#: :class:`FirstStep`'s columns. The statement itself is ``receive_inbound_batch`` in
+#: ``sql/0005_receive_inbound_batch.sql``.
 RECEIVE_MANY: Final = """
 SELECT * FROM receive_inbound_batch(
     %(connections)b::text[], %(psids)b::text[], %(event_ids)b::uuid[],
@@ -105,9 +110,9 @@ RECEIVE_ONE_CTES: Final = _FOUND_BY_CONNECTION + _APPEND_FOUND
 
 _SELECT_FOUND = "SELECT EXISTS (SELECT FROM appended), f.* FROM found f\n"
 
-#: One delivery's first step, as the ``(appended, *_Found)`` row the batch form returns after
-#: ``ord`` (no row when the connection is not registered); the same statement as the body of
-#: ``receive_inbound_batch``, with scalar parameters.
+#: One delivery's first step, as a :class:`FirstStep` row (none when the connection is not
+#: registered): the same statement as the body of ``receive_inbound_batch``, with scalar
+#: parameters.
 RECEIVE_ONE: Final = RECEIVE_ONE_CTES + _SELECT_FOUND
 
 # A delivery to a key whose conversation the service last saw open, from what it saw: the
@@ -149,14 +154,40 @@ RETURNING stream_version
 _HINT_REFUSED: Final = frozenset({"events_event_id_key", "events_stream_version_key"})
 
 
+class FirstStep(NamedTuple):
+    """A delivery's first step: whether it appended the message, then its key as read.
+
+    The columns of :data:`RECEIVE_ONE` and of ``receive_inbound_batch`` after ``ord``, in their
+    order. After an append by :data:`RECEIVE_TO_OPEN`, which reads nothing, only what the hint
+    knew is filled in: the channel, the conversation, its stream, the version before the
+    message and the contact; the rest is ``None``.
+    """
+
+    appended: bool
+    channel: Channel
+    reopen_policy: str | None
+    reopen_window: dt.timedelta | None
+    conversation_id: uuid.UUID | None
+    stream_id: str | None
+    status: str | None
+    deleted: bool | None
+    closed_at: dt.datetime | None
+    snoozed_until: dt.datetime | None
+    snooze_until_reply: bool | None
+    version: int | None
+    contact_id: uuid.UUID | None
+    #: the stream that already holds the message (a redelivery), else ``None``
+    stored_in: str | None
+
+
 class OpenHint(NamedTuple):
     """What a service saw of a key's conversation when its last delivery left it open."""
 
-    channel: str
-    conversation_id: Any  # uuid.UUID
+    channel: Channel
+    conversation_id: uuid.UUID
     #: the conversation's stream (kept: formatting a UUID costs more than the rest of a hint)
     stream_id: str
-    contact_id: Any  # uuid.UUID
+    contact_id: uuid.UUID
     #: the stream's version after that delivery
     version: int
 
@@ -166,7 +197,7 @@ class InboundRow(NamedTuple):
 
     connection: str
     psid: str
-    event_id: Any  # uuid.UUID
+    event_id: uuid.UUID
     data: str
     provider: str | None
     metadata: str
@@ -194,11 +225,9 @@ def _params_of(rows: list[InboundRow]) -> dict[str, list[Any]]:
 
 async def receive_many(
     pool: AsyncConnectionPool[Any], rows: list[InboundRow]
-) -> list[tuple[Any, ...] | None]:
-    """The first step for ``rows`` in one statement; per row its result or ``None``.
-
-    A result is ``(appended, *_Found)``; ``None`` means the row's connection is not registered.
-    """
+) -> list[FirstStep | None]:
+    """The first step for ``rows`` in one statement; per row its result, or ``None`` when the
+    row's connection is not registered."""
     if len(rows) == 1:
         (one,) = rows
         async with pool.connection() as conn:
@@ -209,20 +238,20 @@ async def receive_many(
             # The row's field names are the statement's parameter names.
             cur = await conn.execute(RECEIVE_ONE, one._asdict())
             found = await cur.fetchone()
-        return [None if found is None else tuple(found)]
+        return [None if found is None else FirstStep(*found)]
     async with pool.connection() as conn:
         cur = await conn.execute(RECEIVE_MANY, _params_of(rows))
-        results: list[tuple[Any, ...] | None] = [None] * len(rows)
+        results: list[FirstStep | None] = [None] * len(rows)
         for row in await cur.fetchall():
-            results[row[0] - 1] = tuple(row[1:])
+            results[row[0] - 1] = FirstStep(*row[1:])
     return results
 
 
 async def _receive_hinted(
     conn: psycopg.AsyncConnection[Any], row: InboundRow, hint: OpenHint
-) -> tuple[Any, ...] | None:
-    """:data:`RECEIVE_TO_OPEN` for ``row``: ``RECEIVE_ONE``'s row when it appended (what the
-    hint knew, and the version before the message), else ``None``."""
+) -> FirstStep | None:
+    """:data:`RECEIVE_TO_OPEN` for ``row``: the step when it appended (what the hint knew), else
+    ``None``."""
     params = {
         "event_id": row.event_id,
         "stream_id": hint.stream_id,
@@ -240,24 +269,21 @@ async def _receive_hinted(
         raise
     if await cur.fetchone() is None:
         return None
-    # appended, channel, reopen policy and window, conversation, stream, status, deleted,
-    # closed_at, snoozed_until, snooze_until_reply, version, contact, stored_in: the columns
-    # the hint does not know are None (a caller reads only what an append needs).
-    return (
-        True,
-        hint.channel,
-        None,
-        None,
-        hint.conversation_id,
-        hint.stream_id,
-        None,
-        None,
-        None,
-        None,
-        None,
-        hint.version,
-        hint.contact_id,
-        None,
+    return FirstStep(
+        appended=True,
+        channel=hint.channel,
+        reopen_policy=None,
+        reopen_window=None,
+        conversation_id=hint.conversation_id,
+        stream_id=hint.stream_id,
+        status=None,
+        deleted=None,
+        closed_at=None,
+        snoozed_until=None,
+        snooze_until_reply=None,
+        version=hint.version,
+        contact_id=hint.contact_id,
+        stored_in=None,
     )
 
 
@@ -280,14 +306,14 @@ class InboundBatcher:
         self.pool = pool
         self.max_in_flight = max_in_flight or max(1, pool.max_size // 2)
         self.max_batch = max_batch
-        self._waiting: list[tuple[InboundRow, asyncio.Future[tuple[Any, ...] | None]]] = []
+        self._waiting: list[tuple[InboundRow, asyncio.Future[FirstStep | None]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         #: statements run and deliveries they carried (their ratio is the batching achieved)
         self.statements = 0
         self.deliveries = 0
 
-    async def receive(self, row: InboundRow) -> tuple[Any, ...] | None:
+    async def receive(self, row: InboundRow) -> FirstStep | None:
         """The delivery's result row, once its statement committed.
 
         Raises :class:`BatchFailed` when it went in a batch that failed; alone, its own error.
@@ -303,7 +329,7 @@ class InboundBatcher:
             finally:
                 self._in_flight -= 1
                 self._start()
-        future: asyncio.Future[tuple[Any, ...] | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[FirstStep | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((row, future))
         self._start()
         return await future
@@ -319,9 +345,7 @@ class InboundBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(
-        self, batch: list[tuple[InboundRow, asyncio.Future[tuple[Any, ...] | None]]]
-    ) -> None:
+    async def _run(self, batch: list[tuple[InboundRow, asyncio.Future[FirstStep | None]]]) -> None:
         try:
             results = await receive_many(self.pool, [row for row, _ in batch])
         except BaseException as exc:

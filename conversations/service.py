@@ -36,6 +36,7 @@ from eventstore.errors import raise_translated, translate_errors
 from .batching import (
     RECEIVE_ONE_CTES,
     BatchFailed,
+    FirstStep,
     InboundBatcher,
     InboundRow,
     OpenHint,
@@ -216,24 +217,6 @@ class _Opening(NamedTuple):
     result: InboundResult
 
 
-class _Found(NamedTuple):
-    """What ``RECEIVE_MANY`` read about a key, in its column order (after ``appended``)."""
-
-    channel: Channel
-    reopen_policy: str
-    reopen_window: dt.timedelta | None
-    conversation_id: uuid.UUID | None
-    stream_id: str | None
-    status: str | None
-    deleted: bool | None
-    closed_at: dt.datetime | None
-    snoozed_until: dt.datetime | None
-    snooze_until_reply: bool | None
-    version: int | None
-    contact_id: uuid.UUID | None
-    stored_in: str | None
-
-
 # Opening a conversation, in one statement (its own transaction): the contact (new, or the
 # key's existing one held FOR SHARE and still the one we read, so a concurrent merge either
 # waits for us or makes us retry), the reservation (inserted for a new key; replaced only if it
@@ -356,7 +339,7 @@ _OPEN_CONVERSATION: Final[dict[tuple[bool, bool], LiteralString]] = {
 # key's first conversation (contact, reservation, conversation, two streams, three events) when
 # the key has no contact, no reservation and the message is not stored. A first message then
 # costs one statement instead of two: measured one at a time, about 750 us of server and client
-# CPU against 1100. The row is ``(appended, opened, *_Found)``; when neither, the reading
+# CPU against 1100. The row is ``(appended, opened, *FirstStep[1:])``; when neither, the reading
 # decides as after RECEIVE_ONE. Two first messages of one key race on contact_keys_pkey, and the
 # loser retries. The price is a larger statement for the first delivery a service sees to an
 # existing key (after a restart): about 250 us of server CPU against 200, once per key.
@@ -563,16 +546,15 @@ class ConversationService:
                 # ConversationOpened and the message: the new stream is at version 2.
                 self._remember_open(key, channel, opening.result, opening.params["stream_id"], 2)
                 return opening.result
-            row = None if either is None else (either[0], *either[2:])
+            found = None if either is None else FirstStep(either[0], *either[2:])
         elif alone:
-            row = (await receive_many(self.pool, [request]))[0]
+            found = (await receive_many(self.pool, [request]))[0]
         else:
-            row = await self.batcher.receive(request)
-        if row is None:
+            found = await self.batcher.receive(request)
+        if found is None:
             raise ConnectionNotFound(inbound.connection)
-        found = _Found(*row[1:])
         self._channels[inbound.connection] = found.channel
-        if row[0]:
+        if found.appended:
             # Appended to it, so the key has a conversation, a stream and a version.
             assert found.conversation_id is not None and found.stream_id is not None
             assert found.version is not None
@@ -620,7 +602,7 @@ class ConversationService:
     def _remember_open(
         self,
         key: tuple[str, str],
-        channel: str,
+        channel: Channel,
         result: InboundResult,
         stream_id: str,
         version: int,
@@ -653,7 +635,7 @@ class ConversationService:
         self,
         conn: psycopg.AsyncConnection[Any],
         inbound: _Inbound,
-        found: _Found,
+        found: FirstStep,
         payload: MessageReceived,
         *,
         reopen: bool,
@@ -679,7 +661,7 @@ class ConversationService:
         self,
         conn: psycopg.AsyncConnection[Any],
         inbound: _Inbound,
-        found: _Found,
+        found: FirstStep,
         payload: MessageReceived,
     ) -> InboundResult:
         """Open a conversation for the key in one statement (see ``_OPEN_CONVERSATION``)."""
@@ -1353,7 +1335,7 @@ class _Conflict(Exception):
 
 
 def _reopens(
-    policy: str,
+    policy: str | None,
     window: dt.timedelta | None,
     closed_at: dt.datetime | None,
     sent_at: dt.datetime,

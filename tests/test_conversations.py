@@ -395,7 +395,7 @@ async def test_one_batch_appends_several_messages_of_one_conversation_in_batch_o
     results = await receive_many(service.pool, rows)
     # Every distinct message goes in at once (no retry on the general path); the second
     # delivery of ids[0] does not.
-    assert [r is not None and r[0] for r in results] == [True, True, False, True, True]
+    assert [r is not None and r.appended for r in results] == [True, True, False, True, True]
     async with service.pool.connection() as conn:
         cur = await conn.execute(
             "SELECT event_id, stream_version FROM events WHERE stream_id = %s"
@@ -454,26 +454,30 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     assert await direct(uuid7(), hint._replace(contact_id=uuid7())) == []
     assert await service.store.stream_version(stream_id) == 3
     # Through receive_many, a stale version falls back to RECEIVE_ONE, which appends after the
-    # version it reads; RECEIVE_ONE's row says what the hint knew and the version before.
+    # version it reads; the hinted step says what the hint knew and the version before.
     (late,) = await receive_many(service.pool, [row(uuid7(), hint)])
-    assert late is not None and late[0] is True and late[11] == 3
+    assert late is not None and late.appended is True and late.version == 3
+    assert late.reopen_policy == "new"  # read by RECEIVE_ONE
     (hinted,) = await receive_many(service.pool, [row(uuid7(), hint._replace(version=4))])
-    assert hinted is not None and hinted[0] is True and hinted[11] == 4
-    assert hinted[4] == first.conversation_id and hinted[12] == first.contact_id
+    assert hinted is not None and hinted.appended is True and hinted.version == 4
+    assert hinted.conversation_id == first.conversation_id
+    assert hinted.contact_id == first.contact_id and hinted.stream_id == stream_id
+    assert hinted.channel == "messenger" and hinted.reopen_policy is None  # not read
     assert await service.store.stream_version(stream_id) == 5
     # A redelivery fails on the event id, and the fallback reports where the message is.
     with pytest.raises(psycopg_errors.UniqueViolation) as again:
         await direct(first_id, hint._replace(version=5))
     assert again.value.diag.constraint_name == "events_event_id_key"
     (duplicate,) = await receive_many(service.pool, [row(first_id, hint._replace(version=5))])
-    assert duplicate is not None and duplicate[0] is False and duplicate[-1] == stream_id
+    assert duplicate is not None and duplicate.appended is False
+    assert duplicate.stored_in == stream_id
     # Closed, or snoozed until the customer's reply: nothing, then RECEIVE_ONE's reading.
     await service.close(first.conversation_id, by="ann")
     closing = hint._replace(version=6)
     assert await direct(uuid7(), closing) == []
     (closed,) = await receive_many(service.pool, [row(uuid7(), closing)])
-    assert closed is not None and closed[0] is False and closed[6] == "closed"
-    assert closed[2] == "new"  # the connection's policy
+    assert closed is not None and closed.appended is False and closed.status == "closed"
+    assert closed.reopen_policy == "new"  # the connection's policy
     # Through the service, whose hint is stale now: it opens the next conversation.
     second = await service.receive_inbound("fb", "hinted", msg("h-1"))
     assert second.opened and second.conversation_id != first.conversation_id

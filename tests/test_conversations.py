@@ -13,7 +13,13 @@ import pytest
 from psycopg import errors as psycopg_errors
 from psycopg_pool import AsyncConnectionPool
 
-from conversations.batching import RECEIVE_TO_OPEN, InboundRow, OpenHint, receive_many
+from conversations.batching import (
+    RECEIVE_TO_OPEN,
+    RECEIVE_TO_OPEN_MANY,
+    InboundRow,
+    OpenHint,
+    receive_many,
+)
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
@@ -510,6 +516,80 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     assert len({e.event_id for e in received}) == len(received) == 9
 
 
+async def test_a_batch_appends_its_hinted_deliveries_with_one_insert_or_falls_back(
+    service: ConversationService,
+) -> None:
+    keys = ["b-true", "b-stale", "b-contact", "b-closed", "b-other"]
+    firsts = {k: await service.receive_inbound("fb", k, msg(f"{k}-0")) for k in keys}
+    await service.close(firsts["b-closed"].conversation_id, by="ann")
+
+    def hint_of(key: str, **changes: Any) -> OpenHint:
+        first = firsts[key]
+        assert first.contact_id is not None
+        hint = OpenHint(
+            "messenger",
+            first.conversation_id,
+            f"conversation-{first.conversation_id}",
+            first.contact_id,
+            2,
+        )
+        return hint._replace(**changes)
+
+    def row(key: str, hint: OpenHint, event_id: uuid.UUID | None = None) -> InboundRow:
+        event_id = event_id or uuid7()
+        payload = MessageReceived(
+            hint.conversation_id, event_id, "messenger", str(event_id), key, BASE, BASE
+        )
+        data = CODEC.new_event(payload).data.decode()
+        return InboundRow("fb", key, event_id, data, None, "{}", hint)
+
+    rows = [
+        row("b-true", hint_of("b-true")),
+        row("b-stale", hint_of("b-stale", version=9)),  # a version the stream never reached
+        row("b-true", hint_of("b-true")),  # the key's second delivery: read, after the first
+        row("b-contact", hint_of("b-contact", contact_id=uuid7())),
+        row("b-closed", hint_of("b-closed", version=3)),
+    ]
+    steps = await receive_many(service.pool, rows)
+    assert all(step is not None for step in steps)
+    true_1, stale, true_2, contact, closed = (step for step in steps if step is not None)
+    # The insert appended the true hint's delivery; its step says only what the hint knew.
+    assert true_1.appended and true_1.version == 2 and true_1.reopen_policy is None
+    # The others were read and decided in batch order: the key's second delivery after the
+    # first, the stale and wrong-contact ones at their streams' next versions, the closed
+    # conversation's not at all.
+    assert true_2.appended and true_2.version == 3 and true_2.reopen_policy == "new"
+    assert stale.appended and stale.version == 2 and stale.reopen_policy == "new"
+    assert contact.appended and contact.version == 2
+    assert not closed.appended and closed.status == "closed"
+    versions = {
+        k: [e.stream_version for e in await stream(service, firsts[k].conversation_id)]
+        for k in keys
+    }
+    assert versions == {
+        "b-true": [1, 2, 3, 4],
+        "b-stale": [1, 2, 3],
+        "b-contact": [1, 2, 3],
+        "b-closed": [1, 2, 3],
+        "b-other": [1, 2],
+    }
+    true_events = await stream(service, firsts["b-true"].conversation_id)
+    assert [e.event_id for e in true_events[2:]] == [rows[0].event_id, rows[2].event_id]
+    # A redelivery among hinted deliveries fails the insert on the event id: every delivery
+    # is then read, the stored one reported where it is, the others appended.
+    again = [
+        row("b-other", hint_of("b-other")),
+        row("b-true", hint_of("b-true", version=4), event_id=rows[0].event_id),
+    ]
+    other, duplicate = await receive_many(service.pool, again)
+    assert other is not None and other.appended and other.version == 2
+    assert other.reopen_policy == "new"  # read, not hinted: the insert had failed
+    assert duplicate is not None and not duplicate.appended
+    assert duplicate.stored_in == f"conversation-{firsts['b-true'].conversation_id}"
+    received = await all_received(service)
+    assert len(received) == len({e.event_id for e in received}) == len(keys) + 5
+
+
 async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_plan(
     service: ConversationService,
 ) -> None:
@@ -536,10 +616,29 @@ async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_pla
         )
         plan = "\n".join(row[0] for row in await cur.fetchall())
         await conn.execute("DEALLOCATE hinted")
-    assert "Seq Scan" not in plan, plan
-    for index in ("events_stream_version_key", "conversations_pkey", "streams_pkey"):
-        assert index in plan, plan
-    assert "conversations_contact_idx" not in plan, plan
+    # And the batch's form, over arrays.
+    many = RECEIVE_TO_OPEN_MANY
+    arrays = ("event_ids", "stream_ids", "versions", "conversation_ids", "contact_ids", "data")
+    for n, name in enumerate((*arrays, "metadata"), 1):
+        many = many.replace(f"%({name})b", f"${n}")
+    async with service.pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(
+            "PREPARE hinted_many (uuid[], text[], bigint[], uuid[], uuid[], text[], text[]) AS "
+            + many
+        )
+        cur = await conn.execute(
+            "EXPLAIN EXECUTE hinted_many"
+            " (ARRAY[gen_random_uuid()], ARRAY['conversation-x'], ARRAY[1::bigint],"
+            " ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()], ARRAY['{}'], ARRAY['{}'])"
+        )
+        many_plan = "\n".join(row[0] for row in await cur.fetchall())
+        await conn.execute("DEALLOCATE hinted_many")
+    for shown in (plan, many_plan):
+        assert "Seq Scan" not in shown, shown
+        for index in ("events_stream_version_key", "conversations_pkey", "streams_pkey"):
+            assert index in shown, shown
+        assert "conversations_contact_idx" not in shown, shown
 
 
 async def test_a_service_with_a_stale_hint_stores_each_message_once_where_it_belongs(

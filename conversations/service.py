@@ -379,6 +379,34 @@ CROSS JOIN LATERAL (
 WHERE v.connection = %s AND v.psid = %s
 """
 
+# Identifying a contact matches, in this order, a registered client id, then a username, an
+# email (both case-insensitively) and a phone, among the contacts not merged away; each probe
+# has its partial index (sql/0002, sql/0009).
+_MATCH_PROBES: Final[tuple[tuple[str, LiteralString], ...]] = (
+    (
+        "client_id",
+        "SELECT contact_id FROM contacts WHERE client_id = %s AND merged_into IS NULL"
+        " AND contact_id <> %s AND (registered OR NOT is_guest) ORDER BY created_at LIMIT 1",
+    ),
+    (
+        "username",
+        "SELECT contact_id FROM contacts WHERE lower(username) = lower(%s)"
+        " AND merged_into IS NULL AND contact_id <> %s AND (registered OR NOT is_guest)"
+        " ORDER BY created_at LIMIT 1",
+    ),
+    (
+        "email",
+        "SELECT contact_id FROM contacts WHERE lower(email) = lower(%s)"
+        " AND merged_into IS NULL AND contact_id <> %s AND (registered OR NOT is_guest)"
+        " ORDER BY created_at LIMIT 1",
+    ),
+    (
+        "phone",
+        "SELECT contact_id FROM contacts WHERE phone = %s AND merged_into IS NULL"
+        " AND contact_id <> %s AND (registered OR NOT is_guest) ORDER BY created_at LIMIT 1",
+    ),
+)
+
 # ConversationState's columns, in its field order, for every query that builds one.
 _CONVERSATION_STATES = """
 SELECT v.conversation_id, v.stream_id, v.connection, v.psid, v.contact_id, v.status,
@@ -1252,22 +1280,11 @@ class ConversationService:
         contact_id: uuid.UUID,
         given: dict[str, str | None],
     ) -> uuid.UUID | None:
-        probes = (
-            ("client_id", "SELECT contact_id FROM contacts WHERE client_id = %s"),
-            ("username", "SELECT contact_id FROM contacts WHERE lower(username) = lower(%s)"),
-            ("email", "SELECT contact_id FROM contacts WHERE lower(email) = lower(%s)"),
-            ("phone", "SELECT contact_id FROM contacts WHERE phone = %s"),
-        )
-        for field, query in probes:
+        for field, query in _MATCH_PROBES:
             value = given[field]
             if value is None:
                 continue
-            row = await self._one(
-                conn,
-                query + " AND merged_into IS NULL AND contact_id <> %s"
-                " AND (registered OR NOT is_guest) ORDER BY created_at LIMIT 1",
-                (value, contact_id),
-            )
+            row = await self._one(conn, query, (value, contact_id))
             if row is not None:
                 return uuid.UUID(str(row[0]))
         return None

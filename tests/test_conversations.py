@@ -23,7 +23,7 @@ from conversations.batching import (
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
-from conversations.service import ConversationService, InboundMessage
+from conversations.service import _MATCH_PROBES, ConversationService, InboundMessage
 from eventstore import EventStore, RecordedEvent, WrongExpectedVersion, uuid7
 from tests.conftest import wait_for_fence
 
@@ -231,6 +231,39 @@ async def test_identify_without_match_registers_and_matches_in_order(
     assert await service.identify(b.contact_id, client_id="nobody", email="a@example.com") == (
         a.contact_id
     )
+
+
+async def test_each_identify_probe_can_use_its_partial_index(
+    service: ConversationService,
+) -> None:
+    # With sequential scans priced out, a probe takes its index if and only if PostgreSQL can
+    # prove the index's predicate (merged_into IS NULL, and the column IS NOT NULL) from the
+    # probe's own conditions.
+    indexes = {
+        "client_id": "contacts_client_id_key",
+        "username": "contacts_username_idx",
+        "email": "contacts_email_idx",
+        "phone": "contacts_phone_idx",
+    }
+    assert [field for field, _ in _MATCH_PROBES] == list(indexes)
+    async with service.pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        for field, query in _MATCH_PROBES:
+            cur = await conn.execute("EXPLAIN " + query, ("someone", uuid7()))
+            plan = "\n".join(row[0] for row in await cur.fetchall())
+            assert indexes[field] in plan, plan
+    # Contacts made from first messages have none of the three: the indexes stay empty, their
+    # metapage alone (an entry would have added a leaf page).
+    for n in range(3):
+        await service.receive_inbound("fb", f"nameless-{n}", msg(f"n-{n}"))
+    async with service.pool.connection() as conn:
+        for index in ("contacts_username_idx", "contacts_email_idx", "contacts_phone_idx"):
+            cur = await conn.execute(
+                "SELECT pg_relation_size(%s::regclass), current_setting('block_size')::int",
+                (index,),
+            )
+            size, block = await cur.fetchone() or (None, None)
+            assert size == block, index
 
 
 async def test_merging_two_contacts_keeps_every_message(service: ConversationService) -> None:

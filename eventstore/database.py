@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,26 @@ class LifoConnectionPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
     ``_get_ready_connection`` taking the left of the ``_pool`` deque, as psycopg_pool 3.2.6
     and 3.3.3 do; ``tests/test_database.py`` fails if a release changes that.
     """
+
+    @asynccontextmanager
+    async def connection(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection from the pool for the block, put back after it.
+
+        psycopg_pool's own wraps the block in the connection's context, which commits or
+        rolls back on the way out. Our connections are in autocommit, so the transactions
+        they run are ``conn.transaction()`` blocks that end themselves, and that commit or
+        rollback only found nothing to do: it cost half of a checkout's client CPU (4.7 us
+        against 9.5 for getconn and putconn, measured here). A connection put back inside a
+        transaction is still rolled back by ``putconn``, with psycopg_pool's warning; a
+        statement cut off by a cancelled caller is cancelled by psycopg before it comes back.
+        """
+        conn = await self.getconn(timeout=timeout)
+        try:
+            yield conn
+        finally:
+            await self.putconn(conn)
 
     async def _get_ready_connection(
         self, timeout: float | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from psycopg.pq import TransactionStatus
 from psycopg_pool import TooManyRequests
 
 from eventstore.database import LifoConnectionPool, connect_kwargs, open_pool
@@ -64,5 +65,32 @@ async def test_too_many_waiting_clients_are_refused(database_url: str) -> None:
             await pool.getconn(timeout=1)
         await pool.putconn(held)
         await pool.putconn(await asyncio.wait_for(waiter, 10))
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_comes_back_clean_whatever_its_block_left(database_url: str) -> None:
+    pool = await open_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TABLE pool_probe (n int)")
+        # A block that raises: the connection goes back, and what it committed stays.
+        with pytest.raises(ZeroDivisionError):
+            async with pool.connection() as conn:
+                await conn.execute("INSERT INTO pool_probe VALUES (1)")
+                1 / 0  # noqa: B018
+        # A block that leaves a transaction open (a bug): putconn rolls it back.
+        async with pool.connection() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO pool_probe VALUES (2)")
+        # A block whose statement is cancelled mid-flight: psycopg cancels it on the server.
+        with pytest.raises(TimeoutError):
+            async with pool.connection() as conn:
+                await asyncio.wait_for(conn.execute("SELECT pg_sleep(10)"), 0.2)
+        async with pool.connection() as conn:
+            assert conn.pgconn.transaction_status == TransactionStatus.IDLE
+            assert conn.autocommit
+            rows = await (await conn.execute("SELECT n FROM pool_probe ORDER BY n")).fetchall()
+            assert rows == [(1,)]
     finally:
         await pool.close()

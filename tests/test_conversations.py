@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
 import uuid
@@ -619,8 +620,73 @@ async def test_a_batch_appends_its_hinted_deliveries_with_one_insert_or_falls_ba
     assert other.reopen_policy == "new"  # read, not hinted: the insert had failed
     assert duplicate is not None and not duplicate.appended
     assert duplicate.stored_in == f"conversation-{firsts['b-true'].conversation_id}"
+    # A version taken since skips its row only: the other hinted delivery goes in with the
+    # insert, and the stale one is read and appended after it.
+    taken = [
+        row("b-other", hint_of("b-other", version=3)),
+        row("b-true", hint_of("b-true", version=2)),
+    ]
+    hinted, stale_again = await receive_many(service.pool, taken)
+    assert hinted is not None and hinted.appended and hinted.reopen_policy is None
+    assert stale_again is not None and stale_again.appended and stale_again.version == 4
+    assert stale_again.reopen_policy == "new"
     received = await all_received(service)
-    assert len(received) == len({e.event_id for e in received}) == len(keys) + 5
+    assert len(received) == len({e.event_id for e in received}) == len(keys) + 7
+
+
+async def test_two_services_batching_hinted_deliveries_while_conversations_close(
+    service: ConversationService,
+) -> None:
+    # Two services on one store, each with few statement slots, so concurrent deliveries go in
+    # batches whose hints the other service and the closes make stale; some messages are
+    # delivered twice, to either service.
+    other = ConversationService(service.store)
+    for each in (service, other):
+        each.batcher.max_in_flight = 2
+    keys = [f"mix-{n}" for n in range(8)]
+    for key in keys:  # both services learn the keys' conversations, so both hold hints
+        await service.receive_inbound("fb", key, msg(f"{key}-first"))
+        await other.receive_inbound("fb", key, msg(f"{key}-second"))
+    rng = random.Random(7)
+    sent = [f"{key}-{n}" for key in keys for n in range(12)]
+    deliveries = [(mid, rng.choice((service, other))) for mid in sent]
+    deliveries += [(mid, rng.choice((service, other))) for mid in rng.sample(sent, 20)]
+    rng.shuffle(deliveries)
+
+    async def deliver(mid: str, receiver: ConversationService) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        await receiver.receive_inbound("fb", mid.rsplit("-", 1)[0], msg(mid))
+
+    async def close_current(key: str) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        async with service.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT conversation_id FROM stream_reservations WHERE psid = %s", (key,)
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        with contextlib.suppress(InvalidTransition):
+            await service.close(row[0], by="ann")
+
+    await asyncio.gather(
+        *(deliver(mid, receiver) for mid, receiver in deliveries),
+        *(close_current(key) for key in keys[::2]),
+    )
+    # Every message is stored once; in each stream versions run without a gap and nothing
+    # follows a close; each key has at most one conversation open.
+    received = await all_received(service)
+    stored = [e.data.provider_message_id for e in received if isinstance(e.data, MessageReceived)]
+    expected = sent + [f"{key}-{which}" for key in keys for which in ("first", "second")]
+    assert sorted(stored) == sorted(expected)
+    for stream_id in {e.stream_id for e in received}:
+        events = await service.store.read_stream(stream_id)
+        assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
+        types = [e.type for e in events]
+        if "ConversationClosed" in types:
+            assert types.index("ConversationClosed") == len(types) - 1, types
+    assert set((await open_counts(service)).values()) <= {0, 1}
+    assert service.batcher.deliveries > service.batcher.statements  # batches did form
+    await other.store.close()
 
 
 async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_plan(

@@ -3,7 +3,9 @@
 -- the three, so each first message wrote three index entries no probe can ever find. Their
 -- predicates now leave NULLs out too. The probes still use them: an equality on lower(x) or x
 -- implies x IS NOT NULL (PostgreSQL proves it from the operator and lower() being strict),
--- which tests/test_conversations.py checks with EXPLAIN.
+-- which tests/test_conversations.py checks with EXPLAIN. The indexes are rebuilt under a lock
+-- that holds back writes to contacts (migrations run in a transaction, so not CONCURRENTLY): on
+-- a large contacts table, run it when first messages can wait that long.
 DROP INDEX contacts_username_idx;
 DROP INDEX contacts_email_idx;
 DROP INDEX contacts_phone_idx;

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -699,40 +700,36 @@ async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_pla
         await service.receive_inbound("fb", f"one-{n}", msg(f"o-{n}"))
     async with service.pool.connection() as conn:
         await conn.execute("ANALYZE conversations")
-    statement = RECEIVE_TO_OPEN
-    names = ("event_id", "stream_id", "version", "conversation_id", "contact_id", "data")
-    for n, name in enumerate((*names, "metadata"), 1):
-        statement = statement.replace(f"%({name})s", f"${n}")
-    async with service.pool.connection() as conn, conn.transaction():
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await conn.execute(
-            "PREPARE hinted (uuid, text, bigint, uuid, uuid, text, text) AS " + statement
-        )
-        cur = await conn.execute(
-            "EXPLAIN EXECUTE hinted"
-            " (gen_random_uuid(), 'conversation-x', 1, gen_random_uuid(), gen_random_uuid(),"
-            " '{}', '{}')"
-        )
-        plan = "\n".join(row[0] for row in await cur.fetchall())
-        await conn.execute("DEALLOCATE hinted")
+
+    async def generic_plan(statement: str, params: str, arguments: str) -> str:
+        """The generic plan of ``statement``; ``params`` names its parameters in order, each
+        with its type (``name type, ...``), and ``arguments`` gives their values."""
+        names, types = zip(*(p.split() for p in params.split(", ")), strict=True)
+        for n, name in enumerate(names, 1):
+            statement = re.sub(rf"%\({name}\)[sb]", f"${n}", statement)
+        assert "%(" not in statement, statement
+        async with service.pool.connection() as conn, conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE probe ({', '.join(types)}) AS {statement}")
+            cur = await conn.execute(f"EXPLAIN EXECUTE probe ({arguments})")
+            shown = "\n".join(row[0] for row in await cur.fetchall())
+            await conn.execute("DEALLOCATE probe")
+        return shown
+
+    plan = await generic_plan(
+        RECEIVE_TO_OPEN,
+        "event_id uuid, stream_id text, version bigint, conversation_id uuid, contact_id uuid,"
+        " data text, metadata text",
+        "gen_random_uuid(), 'conversation-x', 1, gen_random_uuid(), gen_random_uuid(), '{}', '{}'",
+    )
     # And the batch's form, over arrays.
-    many = RECEIVE_TO_OPEN_MANY
-    arrays = ("event_ids", "stream_ids", "versions", "conversation_ids", "contact_ids", "data")
-    for n, name in enumerate((*arrays, "metadata"), 1):
-        many = many.replace(f"%({name})b", f"${n}")
-    async with service.pool.connection() as conn, conn.transaction():
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await conn.execute(
-            "PREPARE hinted_many (uuid[], text[], bigint[], uuid[], uuid[], text[], text[]) AS "
-            + many
-        )
-        cur = await conn.execute(
-            "EXPLAIN EXECUTE hinted_many"
-            " (ARRAY[gen_random_uuid()], ARRAY['conversation-x'], ARRAY[1::bigint],"
-            " ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()], ARRAY['{}'], ARRAY['{}'])"
-        )
-        many_plan = "\n".join(row[0] for row in await cur.fetchall())
-        await conn.execute("DEALLOCATE hinted_many")
+    many_plan = await generic_plan(
+        RECEIVE_TO_OPEN_MANY,
+        "event_ids uuid[], stream_ids text[], versions bigint[], conversation_ids uuid[],"
+        " contact_ids uuid[], data text[], metadata text[]",
+        "ARRAY[gen_random_uuid()], ARRAY['conversation-x'], ARRAY[1::bigint],"
+        " ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()], ARRAY['{}'], ARRAY['{}']",
+    )
     for shown in (plan, many_plan):
         assert "Seq Scan" not in shown, shown
         for index in ("events_stream_version_key", "conversations_pkey", "streams_pkey"):

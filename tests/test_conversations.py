@@ -25,7 +25,12 @@ from conversations.batching import (
 from conversations.connections import ConnectionCache, add_connection
 from conversations.errors import InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
-from conversations.service import _MATCH_PROBES, ConversationService, InboundMessage
+from conversations.service import (
+    _MATCH_PROBES,
+    ConversationService,
+    InboundMessage,
+    InboundResult,
+)
 from eventstore import EventStore, RecordedEvent, WrongExpectedVersion, uuid7
 from tests.conftest import wait_for_fence
 
@@ -66,6 +71,19 @@ async def open_counts(service: ConversationService) -> dict[tuple[str, str], int
             )
         ).fetchall()
     return {(r[0], r[1]): r[2] for r in rows}
+
+
+def open_hint(result: InboundResult, version: int) -> OpenHint:
+    """The hint a service keeps after ``result`` left its Messenger conversation open at
+    ``version``."""
+    assert result.contact_id is not None
+    return OpenHint(
+        "messenger",
+        result.conversation_id,
+        f"conversation-{result.conversation_id}",
+        result.contact_id,
+        version,
+    )
 
 
 async def all_received(service: ConversationService) -> list[RecordedEvent]:
@@ -452,9 +470,8 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     service: ConversationService,
 ) -> None:
     first = await service.receive_inbound("fb", "hinted", msg("h-0"))
-    stream_id = f"conversation-{first.conversation_id}"
-    assert first.contact_id is not None
-    hint = OpenHint("messenger", first.conversation_id, stream_id, first.contact_id, 2)
+    hint = open_hint(first, 2)
+    stream_id = hint.stream_id
 
     def row(event_id: uuid.UUID, hint: OpenHint) -> InboundRow:
         # The payload as the service sends it with a hint: conversation and provider filled in.
@@ -523,14 +540,7 @@ async def test_a_key_hinted_open_appends_with_one_insert_or_falls_back(
     second = await service.receive_inbound("fb", "hinted", msg("h-1"))
     assert second.opened and second.conversation_id != first.conversation_id
     await service.snooze(second.conversation_id, by="ann", until=None)
-    assert second.contact_id is not None
-    snoozed = OpenHint(
-        "messenger",
-        second.conversation_id,
-        f"conversation-{second.conversation_id}",
-        second.contact_id,
-        3,
-    )
+    snoozed = open_hint(second, 3)
     assert await direct(uuid7(), snoozed) == []
     # The reply unsnoozes as it would unhinted; then the service's hint is good again.
     third = await service.receive_inbound("fb", "hinted", msg("h-2"))
@@ -559,16 +569,7 @@ async def test_a_batch_appends_its_hinted_deliveries_with_one_insert_or_falls_ba
     await service.close(firsts["b-closed"].conversation_id, by="ann")
 
     def hint_of(key: str, **changes: Any) -> OpenHint:
-        first = firsts[key]
-        assert first.contact_id is not None
-        hint = OpenHint(
-            "messenger",
-            first.conversation_id,
-            f"conversation-{first.conversation_id}",
-            first.contact_id,
-            2,
-        )
-        return hint._replace(**changes)
+        return open_hint(firsts[key], 2)._replace(**changes)
 
     def row(key: str, hint: OpenHint, event_id: uuid.UUID | None = None) -> InboundRow:
         event_id = event_id or uuid7()

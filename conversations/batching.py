@@ -56,10 +56,12 @@ __all__ = [
     "RECEIVE_TO_OPEN",
     "RECEIVE_TO_OPEN_MANY",
     "BatchFailed",
+    "BatchResult",
     "FirstStep",
     "InboundBatcher",
     "InboundRow",
     "OpenHint",
+    "receive_batch",
     "receive_many",
 ]
 
@@ -266,7 +268,9 @@ async def receive_many(
 ) -> list[FirstStep | None]:
     """The first step for ``rows``; per row its result, or ``None`` when the row's connection
     is not registered. One statement for rows without hints; hinted rows go first in one
-    insert, and the rest follow in one reading statement."""
+    insert, and the rest follow in one reading statement. When that statement fails after the
+    insert appended some rows, those stay stored and its error is raised: a caller that must
+    tell the rows apart uses :func:`receive_batch`."""
     if len(rows) == 1:
         (one,) = rows
         async with pool.connection() as conn:
@@ -278,6 +282,30 @@ async def receive_many(
             cur = await conn.execute(RECEIVE_ONE, one._asdict())
             found = await cur.fetchone()
         return [None if found is None else FirstStep(*found)]
+    batch = await receive_batch(pool, rows)
+    if batch.failure is not None:
+        raise batch.failure
+    return batch.results
+
+
+class BatchResult(NamedTuple):
+    """What :func:`receive_batch` decided: a result per row, except the ``undecided`` rows
+    when the reading statement failed (with ``failure``) after the insert appended others."""
+
+    results: list[FirstStep | None]
+    failure: Exception | None = None
+    undecided: frozenset[int] = frozenset()
+
+
+async def receive_batch(pool: AsyncConnectionPool[Any], rows: list[InboundRow]) -> BatchResult:
+    """The first step for several ``rows``: the hinted ones in one insert, then the rest in
+    one reading statement, both on one connection, each its own transaction.
+
+    An error of the insert raises: it stored nothing. An error of the reading statement
+    raises too when the insert appended nothing; otherwise the rows the insert appended keep
+    their results (they are stored, and their callers must hear so, not retry into
+    "duplicate") and the error comes back with the rows it left undecided.
+    """
     results: list[FirstStep | None] = [None] * len(rows)
     async with pool.connection() as conn:
         # Each key's first delivery, when hinted, goes in one insert; the rest, and those it
@@ -293,16 +321,21 @@ async def receive_many(
             for i, hint in await _receive_hinted_many(conn, rows, hinted):
                 results[i] = _hinted_step(hint)
         rest = [i for i, step in enumerate(results) if step is None]
-        if len(rest) == 1:
-            (i,) = rest
-            cur = await conn.execute(RECEIVE_ONE, rows[i]._asdict())
-            found = await cur.fetchone()
-            results[i] = None if found is None else FirstStep(*found)
-        elif rest:
-            cur = await conn.execute(RECEIVE_MANY, _params_of([rows[i] for i in rest]))
-            for row in await cur.fetchall():
-                results[rest[row[0] - 1]] = FirstStep(*row[1:])
-    return results
+        try:
+            if len(rest) == 1:
+                (i,) = rest
+                cur = await conn.execute(RECEIVE_ONE, rows[i]._asdict())
+                found = await cur.fetchone()
+                results[i] = None if found is None else FirstStep(*found)
+            elif rest:
+                cur = await conn.execute(RECEIVE_MANY, _params_of([rows[i] for i in rest]))
+                for row in await cur.fetchall():
+                    results[rest[row[0] - 1]] = FirstStep(*row[1:])
+        except Exception as exc:
+            if len(rest) == len(rows):
+                raise
+            return BatchResult(results, exc, frozenset(rest))
+    return BatchResult(results)
 
 
 async def _receive_hinted_many(
@@ -440,8 +473,12 @@ class InboundBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[InboundRow, asyncio.Future[FirstStep | None]]]) -> None:
+        rows = [row for row, _ in batch]
         try:
-            results = await receive_many(self.pool, [row for row, _ in batch])
+            if len(rows) == 1:
+                done = BatchResult(await receive_many(self.pool, rows))
+            else:
+                done = await receive_batch(self.pool, rows)
         except BaseException as exc:
             # Whatever failed, each caller learns it and runs its own delivery alone, where
             # its error (if it is its own) reaches only it. The cause is kept for debugging.
@@ -453,8 +490,14 @@ class InboundBatcher:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():  # a cancelled caller no longer waits
+            for i, ((_, future), result) in enumerate(zip(batch, done.results, strict=True)):
+                if future.done():  # a cancelled caller no longer waits
+                    continue
+                if i in done.undecided:
+                    failed = BatchFailed(f"a batch of {len(batch)} deliveries failed in part")
+                    failed.__cause__ = done.failure
+                    future.set_exception(failed)
+                else:
                     future.set_result(result)
         finally:
             self._in_flight -= 1

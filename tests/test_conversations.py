@@ -425,6 +425,40 @@ async def test_concurrent_deliveries_share_statements_and_an_error_stays_with_it
         assert received == [f"{key}-0", f"{key}-1"]
 
 
+async def test_a_batch_whose_reading_fails_after_its_insert_tells_the_stored_ones_so(
+    service: ConversationService,
+) -> None:
+    keys = [f"part-{n}" for n in range(5)]
+    opened = [await service.receive_inbound("fb", k, msg(f"{k}-0")) for k in [*keys, "hold"]]
+    service.batcher.max_in_flight = 1  # the first runs alone, the rest wait as one batch
+    statements, deliveries = service.batcher.statements, service.batcher.deliveries
+
+    async def bad() -> None:
+        # The key's second delivery in the batch, so it goes in the reading statement after
+        # the insert, and the database refuses it there (a \u0000 in its metadata).
+        with pytest.raises(InvalidCommand):
+            await service.receive_inbound("fb", keys[0], msg("bad"), metadata={"note": "\x00"})
+
+    results = await asyncio.gather(
+        service.receive_inbound("fb", "hold", msg("hold-1")),
+        *(service.receive_inbound("fb", k, msg(f"{k}-1")) for k in keys),
+        bad(),
+    )
+    # One statement held the slot and one carried the batch of six (the refused delivery then
+    # ran alone, past the batcher).
+    assert service.batcher.statements - statements == 2
+    assert service.batcher.deliveries - deliveries == 1 + 6
+    # The insert stored the five hinted messages before the reading statement failed: their
+    # callers hear they were stored, not "duplicate" from a retry.
+    for first, result in zip(opened[:5], results[1:6], strict=True):
+        assert result is not None and not result.duplicate
+        assert result.conversation_id == first.conversation_id
+    received = await all_received(service)
+    assert sorted(e.data.provider_message_id for e in received) == sorted(
+        f"{k}-{n}" for k in [*keys, "hold"] for n in range(2)
+    )
+
+
 async def test_a_message_delivered_twice_in_one_batch_is_stored_once(
     service: ConversationService,
 ) -> None:

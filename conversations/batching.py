@@ -33,7 +33,10 @@ hint only picks which statement goes first: the database checks the same things 
 a stale hint costs one statement more, never a wrong outcome. In a batch, each key's first
 delivery, when hinted, goes in :data:`RECEIVE_TO_OPEN_MANY`, one insert for all of them; the
 batch's other deliveries, and the hinted ones it did not append, then go in the reading
-statement on the same connection, in batch order.
+statement on the same connection, in batch order. The insert commits first, so when the
+reading statement then fails, the deliveries the insert stored get their results; only the
+others hear :class:`BatchFailed` (a retry would find their message stored and call it a
+duplicate).
 """
 
 from __future__ import annotations
@@ -162,10 +165,10 @@ RETURNING stream_version
 # by ON CONFLICT and goes on to the reading statement too, so one stale hint does not waste the
 # others (measured at 32 callers: no cost that runs could tell apart). A redelivery still fails
 # the whole statement on events_event_id_key, and then every row goes on to the reading
-# statement, which decides for each. The checks sit in a
-# LATERAL subquery that OFFSET 0 keeps from being flattened into the join: each delivery's rows
-# are then found by their keys, as RECEIVE_TO_OPEN finds them, and never by a hash join over a
-# whole table (which the planner chose for a small conversations table, guessing ten deliveries).
+# statement, which decides for each. The checks sit in a LATERAL subquery that OFFSET 0 keeps
+# from being flattened into the join: each delivery's rows are then found by their keys, as
+# RECEIVE_TO_OPEN finds them, and never by a hash join over a whole table (which the planner
+# chose for a small conversations table, guessing ten deliveries).
 RECEIVE_TO_OPEN_MANY: Final = """
 INSERT INTO events (event_id, stream_id, stream_version, category, type, data, metadata)
 SELECT h.event_id, h.stream_id, next.version, 'conversation', 'MessageReceived',

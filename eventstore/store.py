@@ -301,9 +301,10 @@ class EventStore:
         if not events:
             raise InvalidAppend(f"append to {stream_id!r} needs at least one event")
         prepared = [e if isinstance(e, NewEvent) else self.codec.new_event(e) for e in events]
-        ids = [e.event_id for e in prepared]
-        if len(ids) > 1 and len(set(ids)) != len(ids):
-            raise InvalidAppend(f"append to {stream_id!r} repeats an event id within the batch")
+        if len(prepared) > 1:
+            ids = {e.event_id for e in prepared}
+            if len(ids) != len(prepared):
+                raise InvalidAppend(f"append to {stream_id!r} repeats an event id within the batch")
         for event in prepared:
             if not event.type:
                 raise InvalidAppend("event type must be a non-empty string")
@@ -316,11 +317,7 @@ class EventStore:
         expected_version: ExpectedVersion | int,
     ) -> tuple[LiteralString, dict[str, Any]]:
         single = len(events) == 1
-        params: dict[str, Any] = {
-            "stream_id": stream_id,
-            "category": category_of(stream_id),
-            "n": len(events),
-        }
+        params: dict[str, Any] = {"stream_id": stream_id, "category": category_of(stream_id)}
         if single:
             event = events[0]
             params["event_id"] = event.event_id
@@ -358,7 +355,7 @@ class EventStore:
         # savepoint: only a race to the same version aborts the caller's transaction, and the
         # caller retries it from a fresh read.
         in_caller_tx = conn.pgconn.transaction_status == TransactionStatus.INTRANS
-        retries_races = expected_version in (ANY, STREAM_EXISTS)
+        retries_races = expected_version is ANY or expected_version is STREAM_EXISTS
         needs_savepoint = in_caller_tx and retries_races
         for attempt in range(_RACE_ATTEMPTS if retries_races else 1):
             last = attempt == _RACE_ATTEMPTS - 1 or not retries_races
@@ -410,8 +407,12 @@ class EventStore:
                 # snapshot could not see yet. Read again.
                 if last or exc.actual == 0:
                     raise
-        if len(rows) > 1:
-            rows.sort(key=lambda r: r[2])
+        if len(rows) == 1:  # the common case, without the generators below (profiled)
+            ((position, transaction_id, version),) = rows
+            return AppendResult(
+                stream_id, version, (position,), (Checkpoint(transaction_id, position),)
+            )
+        rows.sort(key=lambda r: r[2])
         return AppendResult(
             stream_id=stream_id,
             version=rows[-1][2],

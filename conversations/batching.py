@@ -275,16 +275,15 @@ async def receive_many(
     insert appended some rows, those stay stored and its error is raised: a caller that must
     tell the rows apart uses :func:`receive_batch`."""
     if len(rows) == 1:
+        # A delivery alone, the common case, decides as receive_batch would, without its
+        # bookkeeping.
         (one,) = rows
         async with pool.connection() as conn:
             if one.hint is not None:
                 appended = await _receive_hinted(conn, one, one.hint)
                 if appended is not None:
                     return [appended]
-            # The row's field names are the statement's parameter names.
-            cur = await conn.execute(RECEIVE_ONE, one._asdict())
-            found = await cur.fetchone()
-        return [None if found is None else FirstStep(*found)]
+            return [await _receive_one(conn, one)]
     batch = await receive_batch(pool, rows)
     if batch.failure is not None:
         raise batch.failure
@@ -301,7 +300,7 @@ class BatchResult(NamedTuple):
 
 
 async def receive_batch(pool: AsyncConnectionPool[Any], rows: list[InboundRow]) -> BatchResult:
-    """The first step for several ``rows``: the hinted ones in one insert, then the rest in
+    """The first step for ``rows``: the hinted ones in one insert, then the rest in
     one reading statement, both on one connection, each its own transaction.
 
     An error of the insert raises: it stored nothing. An error of the reading statement
@@ -327,9 +326,7 @@ async def receive_batch(pool: AsyncConnectionPool[Any], rows: list[InboundRow]) 
         try:
             if len(rest) == 1:
                 (i,) = rest
-                cur = await conn.execute(RECEIVE_ONE, rows[i]._asdict())
-                found = await cur.fetchone()
-                results[i] = None if found is None else FirstStep(*found)
+                results[i] = await _receive_one(conn, rows[i])
             elif rest:
                 cur = await conn.execute(RECEIVE_MANY, _params_of([rows[i] for i in rest]))
                 for row in await cur.fetchall():
@@ -339,6 +336,15 @@ async def receive_batch(pool: AsyncConnectionPool[Any], rows: list[InboundRow]) 
                 raise
             return BatchResult(results, exc, frozenset(rest))
     return BatchResult(results)
+
+
+async def _receive_one(conn: psycopg.AsyncConnection[Any], row: InboundRow) -> FirstStep | None:
+    """:data:`RECEIVE_ONE` for ``row``: its step, or ``None`` when its connection is not
+    registered."""
+    # The row's field names are the statement's parameter names.
+    cur = await conn.execute(RECEIVE_ONE, row._asdict())
+    found = await cur.fetchone()
+    return None if found is None else FirstStep(*found)
 
 
 async def _receive_hinted_many(
@@ -476,12 +482,9 @@ class InboundBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[InboundRow, asyncio.Future[FirstStep | None]]]) -> None:
-        rows = [row for row, _ in batch]
         try:
-            if len(rows) == 1:
-                done = BatchResult(await receive_many(self.pool, rows))
-            else:
-                done = await receive_batch(self.pool, rows)
+            # One row or many: receive_batch raises whenever nothing it stored would be lost.
+            done = await receive_batch(self.pool, [row for row, _ in batch])
         except BaseException as exc:
             # Whatever failed, each caller learns it and runs its own delivery alone, where
             # its error (if it is its own) reaches only it. The cause is kept for debugging.

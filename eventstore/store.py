@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import decimal
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -67,7 +68,9 @@ NOTIFY_CHANNEL: Final = "convstore_events"
 Direction = str  # "forwards" | "backwards"
 
 _GENERIC_JSON = msgspec.json.Decoder(dict[str, Any])
-_ANY_JSON = msgspec.json.Decoder()  # event data may be any JSON value, not only an object
+# Event data may be any JSON value, not only an object. Decimals keep a fraction exactly as
+# written, so two numbers compare as jsonb compares them (see _same_json).
+_EXACT_JSON = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _JSON = msgspec.json.Encoder()
 
 # A stream's version is the highest ``stream_version`` of its events, and UNIQUE (stream_id,
@@ -150,6 +153,38 @@ RETURNING position, transaction_id::text::bigint, stream_version
 _STREAM_VERSION: LiteralString = (
     "SELECT COALESCE(max(stream_version), 0) FROM events WHERE stream_id = %s"
 )
+
+#: The largest ``limit`` a read passes to PostgreSQL (its bigint); a larger one reads as this.
+_MAX_LIMIT: Final = 2**63 - 1
+
+
+def _require_utf8(text: str, what: str) -> None:
+    """Refuse a string PostgreSQL cannot store: with a lone surrogate it is not UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidAppend(f"{what} is not valid Unicode ({exc.reason}): {text!r}") from exc
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are the same value, as jsonb compares them.
+
+    Python's ``==`` takes ``true`` for ``1`` and ``false`` for ``0``; jsonb does not. Numbers
+    compare by value (``1`` and ``1.0`` alike), decoded exactly, so ``0.3`` and
+    ``0.30000000000000001`` differ, as the jsonb numerics stored for them do.
+    """
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    if isinstance(a, int | decimal.Decimal) and isinstance(b, int | decimal.Decimal):
+        return a == b
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    return False
+
 
 #: How often an ANY or STREAM_EXISTS append tries before it gives up a race to the same version
 #: (each try one winner among the racers; losers back off with jitter, so many racers spread).
@@ -290,6 +325,8 @@ class EventStore:
             )
         if "\x00" in stream_id:
             raise InvalidAppend("stream id must not contain NUL characters")
+        if not stream_id.isascii():
+            _require_utf8(stream_id, "stream id")
         if not isinstance(expected_version, ExpectedVersion):
             if isinstance(expected_version, bool) or not isinstance(expected_version, int):
                 raise InvalidAppend(
@@ -308,6 +345,8 @@ class EventStore:
         for event in prepared:
             if not event.type:
                 raise InvalidAppend("event type must be a non-empty string")
+            if not event.type.isascii():
+                _require_utf8(event.type, "event type")
         return prepared
 
     def _append_query(
@@ -318,17 +357,26 @@ class EventStore:
     ) -> tuple[LiteralString, dict[str, Any]]:
         single = len(events) == 1
         params: dict[str, Any] = {"stream_id": stream_id, "category": category_of(stream_id)}
-        if single:
-            event = events[0]
-            params["event_id"] = event.event_id
-            params["type"] = event.type
-            params["data"] = event.data.decode()
-            params["metadata"] = _JSON.encode(event.metadata).decode()
-        else:
-            params["event_ids"] = [e.event_id for e in events]
-            params["types"] = [e.type for e in events]
-            params["data"] = [e.data.decode() for e in events]
-            params["metadata"] = [_JSON.encode(e.metadata).decode() for e in events]
+        try:
+            if single:
+                event = events[0]
+                params["event_id"] = event.event_id
+                params["type"] = event.type
+                params["data"] = event.data.decode()
+                params["metadata"] = _JSON.encode(event.metadata).decode()
+            else:
+                params["event_ids"] = [e.event_id for e in events]
+                params["types"] = [e.type for e in events]
+                params["data"] = [e.data.decode() for e in events]
+                params["metadata"] = [_JSON.encode(e.metadata).decode() for e in events]
+        except UnicodeDecodeError as exc:
+            raise InvalidAppend(
+                f"append to {stream_id!r}: event data must be JSON in UTF-8 ({exc.reason})"
+            ) from exc
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise InvalidAppend(
+                f"append to {stream_id!r}: event metadata cannot be encoded as JSON ({exc})"
+            ) from exc
         if expected_version is ANY:
             mode = "any"
         elif expected_version is STREAM_EXISTS:
@@ -484,7 +532,9 @@ class EventStore:
             return DuplicateEvent(stream_id, elsewhere, "stored in another stream")
         for event in events:
             row = stored[event.event_id]
-            if row[3] != event.type or _ANY_JSON.decode(row[4]) != _ANY_JSON.decode(event.data):
+            if row[3] != event.type or not _same_json(
+                _EXACT_JSON.decode(row[4]), _EXACT_JSON.decode(event.data)
+            ):
                 return DuplicateEvent(stream_id, [event.event_id], "stored with other content")
         versions = [stored[i][2] for i in ids]
         first = versions[0]
@@ -515,6 +565,7 @@ class EventStore:
             raise ValueError(f"direction must be 'forwards' or 'backwards', not {direction!r}")
         if limit < 1:
             raise ValueError(f"limit must be positive, not {limit}")
+        limit = min(limit, _MAX_LIMIT)
         forwards = direction == "forwards"
         if from_version is None:
             from_version = 1 if forwards else 2**62
@@ -588,6 +639,7 @@ class EventStore:
         after = after or START
         if limit < 1:
             raise ValueError(f"limit must be positive, not {limit}")
+        limit = min(limit, _MAX_LIMIT)
         params: dict[str, Any] = {
             "tx": str(after.transaction_id),
             "pos": after.position,

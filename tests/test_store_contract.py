@@ -320,6 +320,38 @@ async def test_the_same_id_with_other_content_is_a_duplicate(
 
 
 @pytest.mark.parametrize(
+    ("stored", "retried"),
+    [
+        (b'{"flag": true}', b'{"flag": 1}'),
+        (b'{"n": 0}', b'{"n": false}'),
+        (b'{"n": null}', b'{"n": 0}'),
+        (b'{"amount": 0.3}', b'{"amount": 0.30000000000000001}'),
+        (b"[1, 2]", b"[true, 2.0]"),
+        (b'{"a": [1]}', b'{"a": {"0": 1}}'),
+        (b'{"a": "1"}', b'{"a": 1}'),
+    ],
+)
+async def test_the_same_id_with_data_of_other_json_types_is_a_duplicate(
+    store: EventStore, pool: Pool, stored: bytes, retried: bytes
+) -> None:
+    """Python's == takes true for 1; the stored jsonb does not, and neither does the store."""
+    event_id = uuid7()
+    await store.append("chat-1", [NewEvent(event_id, "Noted", stored)], NO_STREAM)
+    counts = await table_counts(pool)
+    with pytest.raises(DuplicateEvent):
+        await store.append("chat-1", [NewEvent(event_id, "Noted", retried)], NO_STREAM)
+    assert await table_counts(pool) == counts
+
+
+async def test_an_idempotent_retry_compares_numbers_by_value(store: EventStore) -> None:
+    """1 and 1.0 are one JSON number (jsonb holds them equal); the retry is the same event."""
+    event_id = uuid7()
+    original = await store.append("chat-1", [NewEvent(event_id, "Noted", b'{"n": 1}')], NO_STREAM)
+    retry = NewEvent(event_id, "Noted", b'{"n": 1.0}')
+    assert await store.append("chat-1", [retry], NO_STREAM) == original
+
+
+@pytest.mark.parametrize(
     "expected", [ANY, NO_STREAM, 0, STREAM_EXISTS, 1], ids=lambda e: f"expected-{e!r}"
 )
 async def test_the_same_id_in_another_stream_is_a_duplicate(
@@ -400,6 +432,14 @@ INVALID: dict[str, tuple[Any, Any, Any]] = {
     "data-nul-escape": ("chat-1", [NewEvent(uuid7(), "T", b'{"a": "\\u0000"}')], ANY),
     "metadata-nul": ("chat-1", [NewEvent(uuid7(), "T", b"{}", {"a": "x\x00"})], ANY),
     "second-event-bad": ("chat-1", [ev(), NewEvent(uuid7(), "T", b"{")], STREAM_EXISTS),
+    # Strings with a lone surrogate are not UTF-8, and data bytes must be.
+    "surrogate-in-stream-id": ("chat-\ud800", [ev()], ANY),
+    "surrogate-in-type": ("chat-1", [NewEvent(uuid7(), "T\udc00", b"{}")], ANY),
+    "data-not-utf8": ("chat-1", [NewEvent(uuid7(), "T", b'"\xff"')], NO_STREAM),
+    "data-not-utf8-in-batch": ("chat-1", [ev(), NewEvent(uuid7(), "T", b'"\xff"')], ANY),
+    "metadata-not-json": ("chat-1", [NewEvent(uuid7(), "T", b"{}", {"o": object()})], ANY),
+    "metadata-tuple-key": ("chat-1", [NewEvent(uuid7(), "T", b"{}", {(1, 2): "a"})], 0),
+    "metadata-surrogate": ("chat-1", [NewEvent(uuid7(), "T", b"{}", {"a": "\ud800"})], ANY),
 }
 
 
@@ -588,6 +628,14 @@ async def test_read_stream_rejects_bad_arguments(store: EventStore) -> None:
         await store.read_stream("chat-1", direction="sideways")
     with pytest.raises(ValueError):
         await store.read_stream("chat-1", limit=0)
+
+
+async def test_a_limit_beyond_bigint_reads_everything(store: EventStore) -> None:
+    """A limit PostgreSQL's bigint cannot hold means "all", not a server error."""
+    await store.append("chat-1", evs(3))
+    assert len(await store.read_stream("chat-1", limit=2**70)) == 3
+    assert len(await store.read_stream("chat-1", direction="backwards", limit=2**63)) == 3
+    assert len(await store.read_all(None, 2**64)) == 3
 
 
 async def test_recorded_events_carry_what_was_appended(store: EventStore) -> None:

@@ -24,6 +24,8 @@ __all__ = [
     "add_connection",
     "find_connection",
     "get_connection",
+    "is_connection_name",
+    "is_storable_text",
     "list_connections",
     "parse_duration",
     "parse_reopen_policy",
@@ -33,8 +35,9 @@ Channel = Literal["messenger", "instagram", "telegram", "widget"]
 CHANNELS: tuple[str, ...] = get_args(Channel)
 ReopenPolicy = Literal["new", "reopen-last", "reopen-within"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+# Matched whole (fullmatch): "$" would let a trailing newline through.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -72,13 +75,36 @@ class Connection(msgspec.Struct, frozen=True):
 
 def parse_duration(text: str) -> dt.timedelta:
     """``30s``, ``15m``, ``12h``, ``7d`` or ``2w`` as a positive timedelta."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if match is None or int(match.group(1)) == 0:
         raise InvalidCommand(
             f"not a duration: {text!r} (use a positive number and s, m, h, d or w, e.g. 7d)",
             field="reopen_policy",
         )
-    return dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError as exc:
+        raise InvalidCommand(
+            f"duration too long: {text!r} (at most 999999999 days)", field="reopen_policy"
+        ) from exc
+
+
+def is_storable_text(value: str) -> bool:
+    """Whether PostgreSQL can store the string: no NUL, and UTF-8 (no lone surrogate)."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_connection_name(name: object) -> bool:
+    """Whether ``name`` could name a connection (so whether it is worth looking up)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
 def format_duration(delta: dt.timedelta) -> str:
@@ -129,7 +155,7 @@ async def add_connection(
     bot_token: str | None = None,
 ) -> Connection:
     """Register a connection; raise :class:`ConnectionExists` or :class:`InvalidCommand`."""
-    if not _NAME.match(name or ""):
+    if not is_connection_name(name):
         raise InvalidCommand(
             f"connection name {name!r}: use 1-64 letters, digits, '_', '.' or '-'", field="name"
         )
@@ -137,8 +163,11 @@ async def add_connection(
         raise InvalidCommand(
             f"channel {channel!r}: use one of {', '.join(CHANNELS)}", field="channel"
         )
-    if not external_id or "\x00" in external_id or len(external_id) > 200:
-        raise InvalidCommand("external id must be 1-200 characters", field="external_id")
+    if not external_id or len(external_id) > 200 or not is_storable_text(external_id):
+        raise InvalidCommand(
+            "external id must be 1-200 characters of valid Unicode, without NUL",
+            field="external_id",
+        )
     for field, value in (
         ("app_secret", app_secret),
         ("verify_token", verify_token),
@@ -146,8 +175,10 @@ async def add_connection(
         ("access_token", access_token),
         ("bot_token", bot_token),
     ):
-        if value is not None and (not value or "\x00" in value or len(value) > 4096):
-            raise InvalidCommand(f"{field} must be 1-4096 characters", field=field)
+        if value is not None and (not value or len(value) > 4096 or not is_storable_text(value)):
+            raise InvalidCommand(
+                f"{field} must be 1-4096 characters of valid Unicode, without NUL", field=field
+            )
     policy, window = parse_reopen_policy(reopen_policy)
     with translate_errors():
         async with pool.connection() as conn:
@@ -189,7 +220,7 @@ async def list_connections(pool: AsyncConnectionPool[Any]) -> list[Connection]:
 
 async def get_connection(pool: AsyncConnectionPool[Any], name: str) -> Connection:
     """The connection named ``name``; raise :class:`ConnectionNotFound`."""
-    if not _NAME.match(name):
+    if not is_connection_name(name):
         # No registered name can look like this (NUL, '/', over 64 characters...): do not
         # send it to PostgreSQL, which refuses NUL in text outright.
         raise ConnectionNotFound(name)

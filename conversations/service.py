@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, LiteralString, NamedTuple, TypeVar
 
 import msgspec
@@ -42,7 +43,7 @@ from .batching import (
     OpenHint,
     receive_many,
 )
-from .connections import Channel
+from .connections import Channel, is_connection_name, is_storable_text
 from .delivery import META_CHANNELS, check_reply, confirm_echo, reply_in_metadata
 from .errors import (
     ConnectionNotFound,
@@ -417,6 +418,14 @@ FROM conversations v
 
 _CONVERSATION = _CONVERSATION_STATES + "WHERE v.conversation_id = %s"
 
+# A contact's identifiers, filled in where it has none: (client_id, username, email, phone,
+# contact_id).
+_FILL_IDENTIFIERS: Final = (
+    "UPDATE contacts SET client_id = COALESCE(client_id, %s),"
+    " username = COALESCE(username, %s), email = COALESCE(email, %s),"
+    " phone = COALESCE(phone, %s) WHERE contact_id = %s"
+)
+
 
 class ConversationService:
     """Every conversation and contact command, over one :class:`EventStore`."""
@@ -467,8 +476,13 @@ class ConversationService:
         return await cur.fetchone()
 
     def _event(
-        self, payload: msgspec.Struct, event_id: uuid.UUID | None = None, **metadata: Any
+        self,
+        payload: msgspec.Struct,
+        event_id: uuid.UUID | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> NewEvent:
+        # The metadata is a mapping, not keyword arguments: a caller's keys (receive_inbound
+        # takes any) must not collide with this method's parameters.
         return CODEC.new_event(payload, event_id=event_id, metadata=metadata)
 
     # ------------------------------------------------------------------ inbound
@@ -657,7 +671,7 @@ class ConversationService:
         filled = msgspec.structs.replace(
             payload, conversation_id=conversation_id, provider=payload.provider or channel
         )
-        return self._event(filled, event_id=inbound.message_id, **inbound.metadata)
+        return self._event(filled, event_id=inbound.message_id, metadata=inbound.metadata)
 
     async def _append_to_current(
         self,
@@ -680,7 +694,7 @@ class ConversationService:
         elif found.status == "snoozed" and found.snooze_until_reply:
             first = ConversationUnsnoozed(conversation_id, "customer", now)
         if first is not None:
-            events.insert(0, self._event(first, **inbound.metadata))
+            events.insert(0, self._event(first, metadata=inbound.metadata))
             await self._set_open(conn, conversation_id)
         await self.store.append(found.stream_id, events, found.version or 0, connection=conn)
         return InboundResult(conversation_id, inbound.message_id, found.contact_id, reopened=reopen)
@@ -726,12 +740,12 @@ class ConversationService:
             "now": now,
         }
         events = [
-            ("opened", self._event(opened, **inbound.metadata)),
+            ("opened", self._event(opened, metadata=inbound.metadata)),
             ("received", self._received(inbound, channel, payload, conversation_id)),
         ]
         if new_contact:
             created = ContactCreated(contact_id, inbound.connection, inbound.psid, now)
-            events.append(("created", self._event(created, **inbound.metadata)))
+            events.append(("created", self._event(created, metadata=inbound.metadata)))
             params["contact_stream"] = contact_stream(contact_id)
         for name, event in events:
             params[f"{name}_id"] = event.event_id
@@ -805,8 +819,15 @@ class ConversationService:
             [psycopg.AsyncConnection[Any], ConversationState],
             Awaitable[Sequence[NewEvent]],
         ],
+        *,
+        done: Callable[[psycopg.AsyncConnection[Any]], Awaitable[bool]] | None = None,
     ) -> CommandResult:
-        """Load the conversation, let ``decide`` check state and write tables, append."""
+        """Load the conversation, let ``decide`` check state and write tables, append.
+
+        ``done`` tells whether an idempotent command already took effect: a retry of it then
+        reports a duplicate even when its expected version is stale, since its own events
+        moved the version on.
+        """
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult:
             row = await self._one(conn, _CONVERSATION + " FOR UPDATE OF v", (conversation_id,))
@@ -814,6 +835,8 @@ class ConversationService:
                 raise ConversationNotFound(conversation_id)
             state = ConversationState(*row)
             if expected_version is not None and expected_version != state.version:
+                if done is not None and await done(conn):
+                    return CommandResult(conversation_id, state.version, duplicate=True)
                 raise _Conflict(state.stream_id, expected_version, state.version)
             events = await decide(conn, state)
             if not events:
@@ -838,6 +861,7 @@ class ConversationService:
     ) -> CommandResult:
         """Close an open or snoozed conversation; the key's next message follows the policy."""
         _check_actor(by)
+        _check_optional("reason", reason, limit=MAX_TEXT)
 
         async def decide(
             conn: psycopg.AsyncConnection[Any], state: ConversationState
@@ -903,8 +927,8 @@ class ConversationService:
     ) -> CommandResult:
         """Snooze until a time, or (``until=None``) until the customer's next message."""
         _check_actor(by)
-        if until is not None and until.tzinfo is None:
-            raise InvalidCommand("snooze until: give a timezone-aware time", field="until")
+        if until is not None:
+            _check_time(until, "until")
 
         async def decide(
             conn: psycopg.AsyncConnection[Any], state: ConversationState
@@ -1043,23 +1067,30 @@ class ConversationService:
         _check_actor(by)
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             raise InvalidCommand(f"text must be 1-{MAX_TEXT} characters", field="text")
-        if "\x00" in text:
-            raise InvalidCommand("text must not contain NUL characters", field="text")
-        if not idempotency_key or len(idempotency_key) > 200:
+        if not is_storable_text(text):
+            raise InvalidCommand("text must be valid Unicode without NUL", field="text")
+        if (
+            not isinstance(idempotency_key, str)
+            or not idempotency_key
+            or len(idempotency_key) > 200
+            or not is_storable_text(idempotency_key)
+        ):
             raise InvalidCommand(
-                "Idempotency-Key must be 1-200 characters", field="idempotency_key"
+                "Idempotency-Key must be 1-200 characters of valid Unicode, without NUL",
+                field="idempotency_key",
             )
         # Time-ordered ids need a timestamp, but a retried reply has another "now"; the
         # idempotency key alone must decide the id, so its time bits are fixed.
         event_id = deterministic_id(0, "reply", str(conversation_id), idempotency_key)
 
+        async def stored(conn: psycopg.AsyncConnection[Any]) -> bool:
+            found = await self._one(conn, "SELECT FROM events WHERE event_id = %s", (event_id,))
+            return found is not None
+
         async def decide(
             conn: psycopg.AsyncConnection[Any], state: ConversationState
         ) -> list[NewEvent]:
-            existing = await self._one(
-                conn, "SELECT stream_id FROM events WHERE event_id = %s", (event_id,)
-            )
-            if existing is not None:
+            if await stored(conn):
                 return []
             if state.deleted:
                 raise InvalidTransition(conversation_id, "reply to", "deleted", state.version)
@@ -1076,9 +1107,12 @@ class ConversationService:
                     last_in = row[0] if row else None
                 check_reply(conversation_id, channel[0], text, tag, last_in, now)
             sent = MessageSent(conversation_id, event_id, text, now, by, "agent", tag=tag)
-            return [self._event(sent, event_id=event_id, idempotency_key=idempotency_key)]
+            metadata = {"idempotency_key": idempotency_key}
+            return [self._event(sent, event_id=event_id, metadata=metadata)]
 
-        result = await self._command("reply", conversation_id, expected_version, decide)
+        result = await self._command(
+            "reply", conversation_id, expected_version, decide, done=stored
+        )
         return msgspec.structs.replace(result, event_ids=(event_id,))
 
     async def record_echo(
@@ -1160,6 +1194,8 @@ class ConversationService:
         email: str | None = None,
     ) -> GuestSignUp:
         """Create a widget guest's contact before any message; returns its guest id."""
+        if not is_connection_name(connection):
+            raise ConnectionNotFound(connection)
         for field, value in (("username", username), ("phone", phone), ("email", email)):
             _check_optional(field, value)
         contact_id = uuid7()
@@ -1197,6 +1233,9 @@ class ConversationService:
 
     async def contact_of(self, connection: str, psid: str) -> uuid.UUID | None:
         """The contact a customer key belongs to now (after merges), if any."""
+        if not is_connection_name(connection):
+            raise ConnectionNotFound(connection)
+        _check_key(psid)
         with translate_errors():
             async with self.pool.connection() as conn:
                 row = await self._one(
@@ -1241,6 +1280,7 @@ class ConversationService:
             raise InvalidCommand(
                 "identify needs a client id, username, email or phone", field="client_id"
             )
+        locks = _identifier_locks(given)
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> uuid.UUID:
             row = await self._one(
@@ -1252,6 +1292,12 @@ class ConversationService:
                 raise ContactNotFound(contact_id)
             if row[0] is not None:
                 raise InvalidTransition(contact_id, "identify", f"merged into {row[0]}")
+            # Identifications that share an identifier take turns, so the later one matches
+            # the contact the earlier one registered; read first, both would see no match and
+            # both register. (Rare, and only these wait: no append takes this lock.)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS t(k)", (locks,)
+            )
             match = await self._match(conn, contact_id, given)
             now = _now()
             identified = ContactIdentified(
@@ -1269,7 +1315,15 @@ class ConversationService:
                     (client_id, username, email, phone, contact_id),
                 )
                 return contact_id
-            await self._merge(conn, contact_id, match, now)
+            try:
+                await self._merge(conn, contact_id, match, now)
+            except InvalidTransition as exc:
+                # The match was merged into another contact after it was read: read again
+                # (its identifiers went with it, so the next match is that contact).
+                raise _Retry from exc
+            # What the contact told about itself stays known to the contact it joined, where
+            # that one knows nothing of its own.
+            await conn.execute(_FILL_IDENTIFIERS, (client_id, username, email, phone, match))
             return match
 
         return await self._retrying("identify", attempt)
@@ -1331,10 +1385,16 @@ class ConversationService:
             (into_contact, from_contact),
         )
         moved = tuple(sorted(r[0] for r in await cur.fetchall()))
-        await conn.execute(
-            "UPDATE contacts SET merged_into = %s WHERE contact_id = %s",
+        cur = await conn.execute(
+            "UPDATE contacts SET merged_into = %s WHERE contact_id = %s"
+            " RETURNING client_id, username, email, phone",
             (into_contact, from_contact),
         )
+        identifiers = await cur.fetchone()
+        assert identifiers is not None  # locked above
+        # The merged contact's identifiers go to the one it joined where that one has none,
+        # so that identifying later by them matches it (merged contacts never match).
+        await conn.execute(_FILL_IDENTIFIERS, (*identifiers, into_contact))
         merged = ContactsMerged(from_contact, into_contact, now, moved)
         await self.store.append(
             contact_stream(into_contact), [self._event(merged)], connection=conn
@@ -1364,35 +1424,77 @@ def _reopens(
     return False
 
 
+def _identifier_locks(given: dict[str, str | None]) -> list[int]:
+    """Advisory lock keys for an identification's identifiers, in one order for everyone.
+
+    Usernames and emails are matched case-insensitively, so their keys are too.
+    """
+    keys = set()
+    for field, value in given.items():
+        if value is None:
+            continue
+        folded = value.lower() if field in ("username", "email") else value
+        digest = hashlib.sha256(f"convstore identify\x1f{field}\x1f{folded}".encode()).digest()
+        keys.add(int.from_bytes(digest[:8], "big", signed=True))
+    return sorted(keys)
+
+
 def _check_key(psid: str) -> None:
-    if not isinstance(psid, str) or not psid or len(psid) > MAX_ID or "\x00" in psid:
-        raise InvalidCommand(f"customer id must be 1-{MAX_ID} characters", field="psid")
+    if not isinstance(psid, str) or not psid or len(psid) > MAX_ID or not is_storable_text(psid):
+        raise InvalidCommand(
+            f"customer id must be 1-{MAX_ID} characters of valid Unicode, without NUL",
+            field="psid",
+        )
 
 
 def _check_actor(by: str) -> None:
-    if not isinstance(by, str) or not by or len(by) > 200 or "\x00" in by:
-        raise InvalidCommand("the acting agent must be named in 1-200 characters", field="by")
+    if not isinstance(by, str) or not by or len(by) > 200 or not is_storable_text(by):
+        raise InvalidCommand(
+            "the acting agent must be named in 1-200 characters of valid Unicode, without NUL",
+            field="by",
+        )
 
 
-def _check_optional(field: str, value: str | None) -> None:
+def _check_optional(field: str, value: str | None, limit: int = 320) -> None:
     if value is None:
         return
-    if not isinstance(value, str) or not value.strip() or len(value) > 320 or "\x00" in value:
-        raise InvalidCommand(f"{field} must be 1-320 characters", field=field)
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise InvalidCommand(f"{field} must be 1-{limit} characters", field=field)
+    if not is_storable_text(value):
+        raise InvalidCommand(f"{field} must be valid Unicode without NUL", field=field)
+
+
+def _check_time(when: dt.datetime, field: str) -> None:
+    """A time PostgreSQL stores and Python reads back: timezone-aware, years 1-9999 in UTC.
+
+    PostgreSQL stores later times than Python's datetime can hold; one stored would make every
+    later read of its row fail.
+    """
+    if not isinstance(when, dt.datetime) or when.tzinfo is None:
+        raise InvalidCommand(f"{field}: give a timezone-aware time", field=field)
+    try:
+        when.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise InvalidCommand(
+            f"{field}: the time must be within the years 1-9999 in UTC", field=field
+        ) from exc
 
 
 def _check_message(message: InboundMessage) -> None:
     pid = message.provider_message_id
-    if not isinstance(pid, str) or not pid or len(pid) > MAX_ID or "\x00" in pid:
+    if not isinstance(pid, str) or not pid or len(pid) > MAX_ID or not is_storable_text(pid):
         raise InvalidCommand(
-            f"provider message id must be 1-{MAX_ID} characters", field="provider_message_id"
+            f"provider message id must be 1-{MAX_ID} characters of valid Unicode, without NUL",
+            field="provider_message_id",
         )
-    if message.sent_at.tzinfo is None:
-        raise InvalidCommand("the message time must be timezone-aware", field="sent_at")
-    if message.text is not None and len(message.text) > MAX_TEXT:
+    _check_time(message.sent_at, "sent_at")
+    if message.id_time is not None:
+        _check_time(message.id_time, "id_time")
+    text = message.text
+    if text is not None and len(text) > MAX_TEXT:
         raise InvalidCommand(f"text must be at most {MAX_TEXT} characters", field="text")
-    if message.text is not None and "\x00" in message.text:
+    if text is not None and not is_storable_text(text):
         # PostgreSQL's jsonb cannot hold U+0000; refuse it clearly rather than fail inside.
-        raise InvalidCommand("text must not contain NUL (U+0000) characters", field="text")
-    if message.text is None and not message.attachments:
+        raise InvalidCommand("text must be valid Unicode without NUL (U+0000)", field="text")
+    if (text is None or not text.strip()) and not message.attachments:
         raise InvalidCommand("a message needs text or attachments", field="text")

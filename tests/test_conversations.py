@@ -22,8 +22,8 @@ from conversations.batching import (
     OpenHint,
     receive_many,
 )
-from conversations.connections import ConnectionCache, add_connection
-from conversations.errors import InvalidCommand, InvalidTransition
+from conversations.connections import ConnectionCache, add_connection, parse_reopen_policy
+from conversations.errors import ConnectionNotFound, InvalidCommand, InvalidTransition
 from conversations.events import CODEC, ConversationClosed, MessageReceived
 from conversations.service import (
     _MATCH_PROBES,
@@ -886,3 +886,140 @@ async def test_a_caller_cancelled_while_its_batch_waits_leaves_the_others_alone(
     ]
     assert received.count(f"{keys[3]}-1") == 1
     assert again.conversation_id == opened[3].conversation_id
+
+
+# ------------------------------------------------------- found by review, with repro scripts
+
+
+async def test_identifications_sharing_an_email_at_once_end_in_one_contact(
+    service: ConversationService,
+) -> None:
+    """Each saw no match when both read first; now the later one matches the earlier."""
+    for n in range(10):
+        a = await service.guest_sign_up("web")
+        b = await service.guest_sign_up("web")
+        email = f"same-{n}@example.com"
+        results = await asyncio.gather(
+            service.identify(a.contact_id, email=email),
+            service.identify(b.contact_id, email=email.upper()),
+        )
+        assert results[0] == results[1]
+        async with service.pool.connection() as conn:
+            live = await (
+                await conn.execute(
+                    "SELECT count(*) FROM contacts WHERE lower(email) = %s AND merged_into IS NULL",
+                    (email,),
+                )
+            ).fetchone()
+        assert live == (1,)
+
+
+async def test_identify_follows_a_match_merged_while_it_ran(
+    service: ConversationService,
+) -> None:
+    """The match merged into a third contact meanwhile: identify joins that one."""
+    for n in range(10):
+        b = await service.guest_sign_up("web")
+        await service.identify(b.contact_id, email=f"b-{n}@example.com")
+        c = await service.guest_sign_up("web")
+        await service.identify(c.contact_id, client_id=f"c-{n}")
+        a = await service.guest_sign_up("web")
+        joined, _ = await asyncio.gather(
+            service.identify(a.contact_id, email=f"b-{n}@example.com"),
+            service.merge_contacts(b.contact_id, c.contact_id),
+        )
+        assert joined in (b.contact_id, c.contact_id)
+        # Whichever ran first, a's conversations and key end with the survivor, c.
+        assert await service.contact_of("web", a.guest_id) == c.contact_id
+
+
+async def test_identifiers_of_a_merged_contact_still_match(service: ConversationService) -> None:
+    b = await service.guest_sign_up("web")
+    assert await service.identify(b.contact_id, email="b@example.com") == b.contact_id
+    # g1 says who it is twice over; the email matches b, so g1 joins b...
+    g1 = await service.guest_sign_up("web")
+    assert await service.identify(g1.contact_id, client_id="client-42", email="b@example.com") == (
+        b.contact_id
+    )
+    # ...and b now answers to the client id g1 gave.
+    g2 = await service.guest_sign_up("web")
+    assert await service.identify(g2.contact_id, client_id="client-42") == b.contact_id
+    # A plain merge hands the merged contact's identifiers on too, where the survivor has none.
+    d = await service.guest_sign_up("web")
+    await service.identify(d.contact_id, phone="+100")
+    await service.merge_contacts(d.contact_id, b.contact_id)
+    g3 = await service.guest_sign_up("web")
+    assert await service.identify(g3.contact_id, phone="+100") == b.contact_id
+
+
+async def test_a_retried_reply_with_its_if_match_version_is_a_duplicate(
+    service: ConversationService,
+) -> None:
+    """The reply's own event moved the version; the retry is the same reply, not a conflict."""
+    c = await service.receive_inbound("fb", "quinn", msg("1", at=dt.datetime.now(dt.UTC)))
+    first = await service.reply(
+        c.conversation_id, by="agent", text="hi", idempotency_key="k", expected_version=2
+    )
+    retry = await service.reply(
+        c.conversation_id, by="agent", text="hi", idempotency_key="k", expected_version=2
+    )
+    assert retry.duplicate and retry.event_ids == first.event_ids
+    with pytest.raises(WrongExpectedVersion):  # another reply on the stale version conflicts
+        await service.reply(
+            c.conversation_id, by="agent", text="hi", idempotency_key="k2", expected_version=2
+        )
+
+
+async def test_inbound_metadata_may_use_any_key(service: ConversationService) -> None:
+    metadata = {"event_id": "mine", "payload": 1, "self": 2, "metadata": 3}
+    for psid in ("new-key", "new-key"):  # a first message, then one to the open conversation
+        result = await service.receive_inbound("fb", psid, msg(f"m-{uuid7()}"), metadata=metadata)
+        [received] = [
+            e
+            for e in await stream(service, result.conversation_id)
+            if e.event_id == result.message_id
+        ]
+        assert {k: received.metadata[k] for k in metadata} == metadata
+
+
+async def test_more_bad_input_is_refused_and_changes_nothing(
+    service: ConversationService,
+) -> None:
+    c = await service.receive_inbound("fb", "rae", msg("1"))
+    before = await service.store.read_all()
+    # A time past the year 9999 in UTC: PostgreSQL would store it, Python could not read it.
+    late = dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(-dt.timedelta(hours=23)))
+    with pytest.raises(InvalidCommand):
+        await service.snooze(c.conversation_id, by="agent", until=late)
+    with pytest.raises(InvalidCommand):
+        await service.receive_inbound("fb", "rae", msg("2", at=late))
+    for text in ("", "   ", "\n\t"):  # nothing to show, and no attachment
+        empty = InboundMessage(provider_message_id="3", sent_at=BASE, text=text)
+        with pytest.raises(InvalidCommand):
+            await service.receive_inbound("fb", "rae", empty)
+    for bad in ("x\ud800", "nul\x00"):  # not UTF-8, or not storable in text
+        with pytest.raises(InvalidCommand):
+            await service.receive_inbound("fb", "rae", msg("4", text=bad))
+        with pytest.raises(InvalidCommand):
+            await service.receive_inbound("fb", bad, msg("5"))
+        with pytest.raises(InvalidCommand):
+            await service.close(c.conversation_id, by="agent", reason=bad)
+        with pytest.raises(InvalidCommand):
+            await service.reply(c.conversation_id, by="agent", text="hi", idempotency_key=bad)
+        with pytest.raises(InvalidCommand):
+            await service.guest_sign_up("web", email=bad)
+    with pytest.raises(InvalidCommand):
+        await service.close(c.conversation_id, by="agent", reason="x" * 20_001)
+    for name in ("we\x00b", "web\n", "nope/"):
+        with pytest.raises(ConnectionNotFound):
+            await service.guest_sign_up(name)
+        with pytest.raises(ConnectionNotFound):
+            await service.contact_of(name, "p")
+    assert await service.store.read_all() == before
+    for policy in ("reopen-within=1000000000d", "reopen-within=99999999999999999999s"):
+        with pytest.raises(InvalidCommand):
+            parse_reopen_policy(policy)
+    with pytest.raises(InvalidCommand):
+        await add_connection(service.pool, "trailing\n", channel="widget", external_id="x")
+    with pytest.raises(InvalidCommand):
+        await add_connection(service.pool, "sur", channel="widget", external_id="x\ud800")

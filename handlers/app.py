@@ -131,6 +131,12 @@ async def _observe(
             response = error_response(exc.status, code, exc.reason)
         else:
             response = exc
+    except web.RequestPayloadError:
+        # The body could not be read as sent: a Content-Encoding it does not have (gzip over
+        # plain JSON), or a transfer cut short. The client's fault, like a malformed body.
+        response = error_response(
+            400, "malformed_body", "the body could not be read (check its Content-Encoding)"
+        )
     except (ConvstoreError, HTTPError, msgspec.MsgspecError) as exc:
         mapped = response_for(exc)
         if mapped is None:

@@ -417,12 +417,13 @@ async def _post_each(
     world: World,
     body: bytes,
     expected: int,
+    extra: dict[str, str] | None = None,
 ) -> None:
     """POST ``body`` to every JSON route (and to Meta, signed): each answers ``expected``."""
     routes = [(path, {**JSON, **headers}) for path, headers in _json_routes(world)]
     routes.append(("/webhooks/meta", meta_headers(body)))
     for path, headers in routes:
-        headers = {**headers, "Idempotency-Key": "k-1"}
+        headers = {**headers, "Idempotency-Key": "k-1", **(extra or {})}
         status, answer = await send(http, pool, "POST", path, data=body, headers=headers)
         assert status == expected, (path, status, answer[:300])
 
@@ -444,6 +445,14 @@ async def test_invalid_utf8_is_a_400(
         await _post_each(http, pool, world, b'{"a' + bad + b'":1}', 400)
     # lone surrogates, escaped: valid JSON syntax, not text
     await _post_each(http, pool, world, b'{"text":"\\ud800"}', 400)
+
+
+async def test_a_body_not_in_its_content_encoding_is_a_400(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any], world: World
+) -> None:
+    """Plain JSON that says it is compressed cannot be read: the client's error, not ours."""
+    for encoding in ("gzip", "deflate"):
+        await _post_each(http, pool, world, b'{"text":"hi"}', 400, {"Content-Encoding": encoding})
 
 
 async def test_oversized_bodies_are_a_413(

@@ -174,11 +174,27 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[SERVICE] = ConversationService(store)
     app[CONNECTIONS] = ConnectionCache(pool)
+    app[WIDGET_KEY] = (
+        settings.widget_secret.encode() if settings.widget_secret else await _shared_key(pool)
+    )
     try:
         yield
     finally:
         await store.close()
         await pool.close()
+
+
+async def _shared_key(pool: AsyncConnectionPool[Any], name: str = "widget") -> bytes:
+    """The deployment's key ``name`` (sql/0010): made by the first server, read by the rest."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO server_keys (name, key) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, secrets.token_bytes(32)),
+        )
+        cur = await conn.execute("SELECT key FROM server_keys WHERE name = %s", (name,))
+        row = await cur.fetchone()
+    assert row is not None  # inserted above, and never deleted
+    return bytes(row[0])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -239,9 +255,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[_observe], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[WIDGET_KEY] = (
-        settings.widget_secret.encode() if settings.widget_secret else secrets.token_bytes(32)
-    )
     app.cleanup_ctx.append(_database)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -161,3 +161,30 @@ async def test_connection_names_that_cannot_exist_are_404_not_500(
     for path in ("/webhooks/telegram/%00", "/widget/%00/guests", "/webhooks/telegram/" + "x" * 80):
         r = await http.post(path, json={})
         assert r.status == 404, (path, r.status)
+
+
+async def test_guest_tokens_hold_across_servers_and_restarts(
+    database_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    """Without a configured secret, the key is the deployment's (in the database), not a
+    process's: a token from one server works on another, and after a restart."""
+    from aiohttp.test_utils import TestServer
+
+    from handlers.app import Settings, create_app
+
+    await add_connection(pool, "open-site", channel="widget", external_id="w2")
+    settings = Settings(database_url=database_url, api_token=API_TOKEN)
+    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as first:
+        guest = await (await first.post("/widget/open-site/guests", json={})).json()
+    token = {"Authorization": f"Bearer {guest['token']}"}
+    for n in range(2):  # a restarted server, then one more beside it
+        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as server:
+            sent = await server.post(
+                "/widget/open-site/messages",
+                json={"client_message_id": f"c{n}", "text": "still me"},
+                headers=token,
+            )
+            assert sent.status == 201, await sent.text()
+    async with pool.connection() as conn:
+        keys = await (await conn.execute("SELECT count(*) FROM server_keys")).fetchone()
+    assert keys == (1,)

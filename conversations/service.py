@@ -773,8 +773,15 @@ class ConversationService:
     ) -> CommandResult | None:
         """Record a customer's edit of a stored inbound message (``None`` if it is unknown)."""
         message_id = deterministic_id(_millis(sent_at), connection, "in", provider_message_id)
+        # The edit's text is in its id: Telegram stamps edits to the second, so two edits of
+        # one message within a second differ only by it, while a redelivered edit repeats it.
         edit_id = deterministic_id(
-            _millis(edited_at), connection, "edit", provider_message_id, str(_millis(edited_at))
+            _millis(edited_at),
+            connection,
+            "edit",
+            provider_message_id,
+            str(_millis(edited_at)),
+            "-" if text is None else "+" + text,
         )
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:

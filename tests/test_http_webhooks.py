@@ -531,12 +531,17 @@ async def test_telegram_edited_message_is_recorded(
     first = await post_telegram(http, edit)
     assert (await first.json())["outcome"] == "edit"
     assert (await (await post_telegram(http, edit)).json())["outcome"] == "duplicate"
+    # Edits are stamped to the second: another edit within the same second is another edit.
+    again = _update(4, 7, key="edited_message", text="the typo!", edit_date=1_700_000_060)
+    assert (await (await post_telegram(http, again)).json())["outcome"] == "edit"
     [conversation] = await conversations_of(pool, events, "bot", "987654321")
     assert [e.type for e in conversation] == [
         "ConversationOpened",
         "MessageReceived",
         "MessageEdited",
+        "MessageEdited",
     ]
+    assert conversation[3].data.text == "the typo!"
     edited = conversation[2].data
     assert edited.message_id == conversation[1].data.message_id
     assert (edited.text, edited.provider_message_id) == ("the typo", "987654321:7")

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg.adapt import Loader
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 __all__ = [
@@ -92,18 +93,30 @@ def resolve_database_url(
     data_dir: Path | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> str:
-    """The database URL to use: explicit, else ``DATABASE_URL``, else the embedded server."""
+    """The database URL to use: explicit, else ``DATABASE_URL``, else the embedded server.
+
+    Raises ``ValueError`` for a URL that libpq cannot parse, naming where it came from.
+    """
     if explicit:
-        return explicit
+        return _parsed(explicit, "--database-url")
     env = os.environ.get("DATABASE_URL")
     if env:
-        return env
+        return _parsed(env, "DATABASE_URL")
     if announce is None:
 
         def announce(line: str) -> None:
             print(line, file=sys.stderr)
 
     return embedded_url(data_dir, announce=announce)
+
+
+def _parsed(url: str, source: str) -> str:
+    """``url`` if libpq can parse it (a URL or a conninfo string); else a ValueError."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"{source} is not a PostgreSQL URL or connection string: {exc}") from None
+    return url
 
 
 class RawJsonLoader(Loader):

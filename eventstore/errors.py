@@ -110,7 +110,10 @@ def raise_translated(exc: psycopg.Error) -> NoReturn:
     if isinstance(exc, psycopg.OperationalError) and (
         sqlstate is None or sqlstate[:2] in _UNAVAILABLE_CLASSES
     ):
-        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+        # libpq's first line says why (refused, unknown database, authentication); shown to
+        # operators, never parsed. HTTP clients get a fixed message (handlers/errors.py).
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {reason}") from exc
     if isinstance(exc, pg_errors.IntegrityError):
         raise ConstraintViolation(exc.diag.constraint_name, sqlstate) from exc
     raise exc

@@ -73,6 +73,24 @@ def test_verify_behind_gives_one_clear_line(empty_database_url: str) -> None:
     assert len(lines) == 1 and "run `convstore db migrate`" in lines[0]
 
 
+def test_a_bad_or_unreachable_database_gives_one_line_saying_why(
+    empty_database_url: str,
+) -> None:
+    bad = _convstore("db", "verify", url="notaurl")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "convstore: DATABASE_URL is not a PostgreSQL URL or connection string:"
+        ' missing "=" after "notaurl" in connection info string'
+    ]
+    params = psycopg.conninfo.conninfo_to_dict(empty_database_url)
+    params["dbname"] = "convstore_no_such_database"
+    missing = _convstore("db", "verify", url=psycopg.conninfo.make_conninfo("", **params))
+    assert missing.returncode == 1
+    [line] = missing.stderr.strip().splitlines()
+    assert line.startswith("convstore: PostgreSQL is unavailable: ")
+    assert "convstore_no_such_database" in line  # libpq's reason, not only a class name
+
+
 def _fresh(url: str) -> str:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS schema_migrations, events, streams CASCADE")

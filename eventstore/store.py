@@ -154,8 +154,8 @@ _STREAM_VERSION: LiteralString = (
     "SELECT COALESCE(max(stream_version), 0) FROM events WHERE stream_id = %s"
 )
 
-#: The largest ``limit`` a read passes to PostgreSQL (its bigint); a larger one reads as this.
-_MAX_LIMIT: Final = 2**63 - 1
+#: PostgreSQL's largest bigint: versions must stay within it, and a larger read limit reads as it.
+_MAX_BIGINT: Final = 2**63 - 1
 
 
 def _require_utf8(text: str, what: str) -> None:
@@ -335,6 +335,8 @@ class EventStore:
                 )
             if expected_version < 0:
                 raise InvalidAppend(f"expected version must be >= 0, not {expected_version}")
+            if expected_version > _MAX_BIGINT - 1:  # the next version must fit in a bigint
+                raise InvalidAppend(f"expected version must be < 2**63 - 1, not {expected_version}")
         if not events:
             raise InvalidAppend(f"append to {stream_id!r} needs at least one event")
         prepared = [e if isinstance(e, NewEvent) else self.codec.new_event(e) for e in events]
@@ -565,7 +567,7 @@ class EventStore:
             raise ValueError(f"direction must be 'forwards' or 'backwards', not {direction!r}")
         if limit < 1:
             raise ValueError(f"limit must be positive, not {limit}")
-        limit = min(limit, _MAX_LIMIT)
+        limit = min(limit, _MAX_BIGINT)
         forwards = direction == "forwards"
         if from_version is None:
             from_version = 1 if forwards else 2**62
@@ -639,7 +641,7 @@ class EventStore:
         after = after or START
         if limit < 1:
             raise ValueError(f"limit must be positive, not {limit}")
-        limit = min(limit, _MAX_LIMIT)
+        limit = min(limit, _MAX_BIGINT)
         params: dict[str, Any] = {
             "tx": str(after.transaction_id),
             "pos": after.position,

@@ -138,4 +138,7 @@ def test_schemas_stay_in_the_subset_the_tests_check() -> None:
 
 
 def test_connection_names_are_the_registrys() -> None:
-    assert CONNECTION_NAME == connections._NAME.pattern
+    # The registry matches its pattern whole (fullmatch); JSON Schema patterns search, so the
+    # document anchors the same one. (ECMA's "$" ends the string; Python's would also allow
+    # a trailing newline, which is why the registry does not use it.)
+    assert CONNECTION_NAME == "^" + connections._NAME.pattern + "$"

@@ -416,6 +416,7 @@ INVALID: dict[str, tuple[Any, Any, Any]] = {
     "repeated-id": ("chat-1", [_ONE, ev("Other", _ONE.event_id)], ANY),
     "repeated-id-exact": ("chat-1", [_ONE, _ONE], 0),
     "negative-version": ("chat-1", [ev()], -1),
+    "version-beyond-bigint": ("chat-1", [ev()], 2**63 - 1),
     "bool-version-true": ("chat-1", [ev()], True),
     "bool-version-false": ("chat-1", [ev()], False),
     "str-version": ("chat-1", [ev()], "any"),

@@ -418,13 +418,29 @@ FROM conversations v
 
 _CONVERSATION = _CONVERSATION_STATES + "WHERE v.conversation_id = %s"
 
-# A contact's identifiers, filled in where it has none: (client_id, username, email, phone,
-# contact_id).
-_FILL_IDENTIFIERS: Final = (
-    "UPDATE contacts SET client_id = COALESCE(client_id, %s),"
-    " username = COALESCE(username, %s), email = COALESCE(email, %s),"
-    " phone = COALESCE(phone, %s) WHERE contact_id = %s"
-)
+# One identifier given to a contact, (value, contact_id, value): set where the contact has
+# none and no other contact the identify probes could match has it, so that which contact an
+# identifier matches never changes (and the client id's unique index is never hit).
+_FILL_IDENTIFIER: Final[dict[str, LiteralString]] = {
+    # Any live contact: contacts_client_id_key allows one per client id, guest or not.
+    "client_id": "UPDATE contacts t SET client_id = %s WHERE t.contact_id = %s"
+    " AND t.client_id IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " WHERE o.client_id = %s AND o.merged_into IS NULL AND o.contact_id <> t.contact_id)",
+    "username": "UPDATE contacts t SET username = %s WHERE t.contact_id = %s"
+    " AND t.username IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " WHERE lower(o.username) = lower(%s) AND o.merged_into IS NULL"
+    " AND o.contact_id <> t.contact_id AND (o.registered OR NOT o.is_guest))",
+    "email": "UPDATE contacts t SET email = %s WHERE t.contact_id = %s"
+    " AND t.email IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " WHERE lower(o.email) = lower(%s) AND o.merged_into IS NULL"
+    " AND o.contact_id <> t.contact_id AND (o.registered OR NOT o.is_guest))",
+    "phone": "UPDATE contacts t SET phone = %s WHERE t.contact_id = %s"
+    " AND t.phone IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " WHERE o.phone = %s AND o.merged_into IS NULL AND o.contact_id <> t.contact_id"
+    " AND (o.registered OR NOT o.is_guest))",
+}
+#: How many merges identify follows from the contact it matched to where that one went.
+_MERGE_CHAIN_LIMIT: Final = 10
 
 
 class ConversationService:
@@ -868,7 +884,13 @@ class ConversationService:
     ) -> CommandResult:
         """Close an open or snoozed conversation; the key's next message follows the policy."""
         _check_actor(by)
-        _check_optional("reason", reason, limit=MAX_TEXT)
+        if reason is not None and (
+            not isinstance(reason, str) or len(reason) > MAX_TEXT or not is_storable_text(reason)
+        ):
+            raise InvalidCommand(
+                f"reason must be at most {MAX_TEXT} characters of valid Unicode, without NUL",
+                field="reason",
+            )
 
         async def decide(
             conn: psycopg.AsyncConnection[Any], state: ConversationState
@@ -1290,6 +1312,14 @@ class ConversationService:
         locks = _identifier_locks(given)
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> uuid.UUID:
+            # Identifications that share an identifier take turns, so the later one matches
+            # the contact the earlier one registered; read first, both would see no match and
+            # both register. Taken before any row lock: a contact identifying again holds its
+            # row while another identification, holding the lock, waits to merge into it.
+            # (Rare, and only identifications wait: no append takes these locks.)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS t(k)", (locks,)
+            )
             row = await self._one(
                 conn,
                 "SELECT merged_into FROM contacts WHERE contact_id = %s FOR UPDATE",
@@ -1299,12 +1329,6 @@ class ConversationService:
                 raise ContactNotFound(contact_id)
             if row[0] is not None:
                 raise InvalidTransition(contact_id, "identify", f"merged into {row[0]}")
-            # Identifications that share an identifier take turns, so the later one matches
-            # the contact the earlier one registered; read first, both would see no match and
-            # both register. (Rare, and only these wait: no append takes this lock.)
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS t(k)", (locks,)
-            )
             match = await self._match(conn, contact_id, given)
             now = _now()
             identified = ContactIdentified(
@@ -1322,15 +1346,26 @@ class ConversationService:
                     (client_id, username, email, phone, contact_id),
                 )
                 return contact_id
-            try:
-                await self._merge(conn, contact_id, match, now)
-            except InvalidTransition as exc:
-                # The match was merged into another contact after it was read: read again
-                # (its identifiers went with it, so the next match is that contact).
-                raise _Retry from exc
+            for _ in range(_MERGE_CHAIN_LIMIT):
+                try:
+                    await self._merge(conn, contact_id, match, now)
+                    break
+                except InvalidTransition:
+                    # The match was merged into another contact after it was read (this
+                    # contact's row is locked, so it is not this one): join where it went.
+                    row = await self._one(
+                        conn, "SELECT merged_into FROM contacts WHERE contact_id = %s", (match,)
+                    )
+                    if row is None or row[0] is None or row[0] == contact_id:
+                        raise _Retry from None
+                    match = row[0]
+            else:
+                raise _Retry
             # What the contact told about itself stays known to the contact it joined, where
-            # that one knows nothing of its own.
-            await conn.execute(_FILL_IDENTIFIERS, (client_id, username, email, phone, match))
+            # that one has nothing of its own and no other matchable contact has it.
+            for field, value in given.items():
+                if value is not None:
+                    await conn.execute(_FILL_IDENTIFIER[field], (value, match, value))
             return match
 
         return await self._retrying("identify", attempt)
@@ -1392,16 +1427,10 @@ class ConversationService:
             (into_contact, from_contact),
         )
         moved = tuple(sorted(r[0] for r in await cur.fetchall()))
-        cur = await conn.execute(
-            "UPDATE contacts SET merged_into = %s WHERE contact_id = %s"
-            " RETURNING client_id, username, email, phone",
+        await conn.execute(
+            "UPDATE contacts SET merged_into = %s WHERE contact_id = %s",
             (into_contact, from_contact),
         )
-        identifiers = await cur.fetchone()
-        assert identifiers is not None  # locked above
-        # The merged contact's identifiers go to the one it joined where that one has none,
-        # so that identifying later by them matches it (merged contacts never match).
-        await conn.execute(_FILL_IDENTIFIERS, (*identifiers, into_contact))
         merged = ContactsMerged(from_contact, into_contact, now, moved)
         await self.store.append(
             contact_stream(into_contact), [self._event(merged)], connection=conn

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import decimal
+import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -68,9 +69,6 @@ NOTIFY_CHANNEL: Final = "convstore_events"
 Direction = str  # "forwards" | "backwards"
 
 _GENERIC_JSON = msgspec.json.Decoder(dict[str, Any])
-# Event data may be any JSON value, not only an object. Decimals keep a fraction exactly as
-# written, so two numbers compare as jsonb compares them (see _same_json).
-_EXACT_JSON = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _JSON = msgspec.json.Encoder()
 
 # A stream's version is the highest ``stream_version`` of its events, and UNIQUE (stream_id,
@@ -166,6 +164,15 @@ def _require_utf8(text: str, what: str) -> None:
         raise InvalidAppend(f"{what} is not valid Unicode ({exc.reason}): {text!r}") from exc
 
 
+def _exact_json(data: bytes | str) -> Any:
+    """Any JSON value, every number a Decimal: exact as written, whatever its size.
+
+    Only for the rare comparison below: msgspec refuses integers longer than Python's string
+    conversion limit, which jsonb writes out for a number like 1e5000.
+    """
+    return json.loads(data, parse_int=decimal.Decimal, parse_float=decimal.Decimal)
+
+
 def _same_json(a: Any, b: Any) -> bool:
     """Whether two decoded JSON values are the same value, as jsonb compares them.
 
@@ -175,7 +182,7 @@ def _same_json(a: Any, b: Any) -> bool:
     """
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
         return a is b
-    if isinstance(a, int | decimal.Decimal) and isinstance(b, int | decimal.Decimal):
+    if isinstance(a, decimal.Decimal) and isinstance(b, decimal.Decimal):
         return a == b
     if isinstance(a, str) and isinstance(b, str):
         return a == b
@@ -534,9 +541,7 @@ class EventStore:
             return DuplicateEvent(stream_id, elsewhere, "stored in another stream")
         for event in events:
             row = stored[event.event_id]
-            if row[3] != event.type or not _same_json(
-                _EXACT_JSON.decode(row[4]), _EXACT_JSON.decode(event.data)
-            ):
+            if row[3] != event.type or not _same_json(_exact_json(row[4]), _exact_json(event.data)):
                 return DuplicateEvent(stream_id, [event.event_id], "stored with other content")
         versions = [stored[i][2] for i in ids]
         first = versions[0]

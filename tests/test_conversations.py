@@ -944,12 +944,50 @@ async def test_identifiers_of_a_merged_contact_still_match(service: Conversation
     # ...and b now answers to the client id g1 gave.
     g2 = await service.guest_sign_up("web")
     assert await service.identify(g2.contact_id, client_id="client-42") == b.contact_id
-    # A plain merge hands the merged contact's identifiers on too, where the survivor has none.
-    d = await service.guest_sign_up("web")
-    await service.identify(d.contact_id, phone="+100")
-    await service.merge_contacts(d.contact_id, b.contact_id)
+    # An identifier another contact already answers to is not handed on: the email stays n's.
+    m = await service.guest_sign_up("web")
+    await service.identify(m.contact_id, client_id="client-m")
+    n = await service.guest_sign_up("web")
+    await service.identify(n.contact_id, email="n@example.com")
     g3 = await service.guest_sign_up("web")
-    assert await service.identify(g3.contact_id, phone="+100") == b.contact_id
+    joined = await service.identify(g3.contact_id, client_id="client-m", email="n@example.com")
+    assert joined == m.contact_id
+    g4 = await service.guest_sign_up("web")
+    assert await service.identify(g4.contact_id, email="n@example.com") == n.contact_id
+
+
+async def test_a_merge_into_a_guest_leaves_identifiers_free(service: ConversationService) -> None:
+    """A plain merge hands nothing on: a guest that never identified gets no client id that
+    identify could then neither match nor take."""
+    r = await service.guest_sign_up("web")
+    await service.identify(r.contact_id, client_id="client-r")
+    g = await service.guest_sign_up("web")
+    await service.merge_contacts(r.contact_id, g.contact_id)
+    late = await service.guest_sign_up("web")
+    assert await service.identify(late.contact_id, client_id="client-r") == late.contact_id
+
+
+async def test_identifying_again_while_another_identifies_alike_takes_turns(
+    service: ConversationService,
+) -> None:
+    """No deadlock (each retried attempt is counted): the identifier's lock comes first."""
+    a = await service.guest_sign_up("web")
+    await service.identify(a.contact_id, email="again@example.com")
+    for _ in range(10):
+        b = await service.guest_sign_up("web")
+        results = await asyncio.gather(
+            service.identify(a.contact_id, email="again@example.com"),
+            service.identify(b.contact_id, email="again@example.com"),
+        )
+        assert results == [a.contact_id, a.contact_id]
+    assert service.stats.conflicts_retried == 0
+
+
+async def test_a_close_reason_may_be_empty(service: ConversationService) -> None:
+    for n, reason in enumerate(("", "   ", "\n")):
+        c = await service.receive_inbound("fb", f"blank-{n}", msg(f"b-{n}"))
+        closed = await service.close(c.conversation_id, by="agent", reason=reason)
+        assert not closed.duplicate
 
 
 async def test_a_retried_reply_with_its_if_match_version_is_a_duplicate(

@@ -351,6 +351,16 @@ async def test_an_idempotent_retry_compares_numbers_by_value(store: EventStore) 
     assert await store.append("chat-1", [retry], NO_STREAM) == original
 
 
+@pytest.mark.parametrize("number", [b"1e5000", b"9" * 5000, b"1e-400", b"-0.0"])
+async def test_an_idempotent_retry_holds_for_numbers_of_any_size(
+    store: EventStore, number: bytes
+) -> None:
+    """jsonb writes 1e5000 out in full: longer than Python converts to an int by default."""
+    event = NewEvent(uuid7(), "Noted", b'{"n": ' + number + b"}")
+    original = await store.append("chat-1", [event], NO_STREAM)
+    assert await store.append("chat-1", [event], NO_STREAM) == original
+
+
 @pytest.mark.parametrize(
     "expected", [ANY, NO_STREAM, 0, STREAM_EXISTS, 1], ids=lambda e: f"expected-{e!r}"
 )

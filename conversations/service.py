@@ -786,18 +786,25 @@ class ConversationService:
         sent_at: dt.datetime,
         text: str | None,
         edited_at: dt.datetime,
+        *,
+        edit_key: str | None = None,
     ) -> CommandResult | None:
-        """Record a customer's edit of a stored inbound message (``None`` if it is unknown)."""
+        """Record a customer's edit of a stored inbound message (``None`` if it is unknown).
+
+        ``edit_key`` is the provider's own id for this edit, when it has one (Telegram's
+        ``update_id``): a redelivery repeats it, and no other edit has it.
+        """
         message_id = deterministic_id(_millis(sent_at), connection, "in", provider_message_id)
-        # The edit's text is in its id: Telegram stamps edits to the second, so two edits of
-        # one message within a second differ only by it, while a redelivered edit repeats it.
+        # Without the provider's id for the edit, its text is in the id: Telegram stamps edits
+        # to the second, so two edits of one message within a second differ by it, while a
+        # redelivered edit repeats it.
         edit_id = deterministic_id(
             _millis(edited_at),
             connection,
             "edit",
             provider_message_id,
             str(_millis(edited_at)),
-            "-" if text is None else "+" + text,
+            ("-" if text is None else "+" + text) if edit_key is None else "#" + edit_key,
         )
 
         async def attempt(conn: psycopg.AsyncConnection[Any]) -> CommandResult | None:

@@ -212,6 +212,7 @@ async def receive(request: web.Request) -> web.Response:
                 _when(message.date),  # the original message's date: it names the message
                 message.text if message.text is not None else message.caption,
                 _when(message.edit_date if message.edit_date is not None else message.date),
+                edit_key=str(update.update_id),
             )
             app[METRICS].append_latency.labels("telegram").observe(time.perf_counter() - started)
             if edit is None:

@@ -542,6 +542,9 @@ async def test_telegram_edited_message_is_recorded(
         "MessageEdited",
     ]
     assert conversation[3].data.text == "the typo!"
+    # ...and an edit back to the first text, in that second too, is a third edit (update 5).
+    back = _update(5, 7, key="edited_message", text="the typo", edit_date=1_700_000_060)
+    assert (await (await post_telegram(http, back)).json())["outcome"] == "edit"
     edited = conversation[2].data
     assert edited.message_id == conversation[1].data.message_id
     assert (edited.text, edited.provider_message_id) == ("the typo", "987654321:7")

@@ -199,6 +199,8 @@ class ReplyState(msgspec.Struct):
     retry_at: dt.datetime | None = None
     last_error: str | None = None
     last_status: int | None = None
+    #: the conversation is soft-deleted (read with the reply's events, in one snapshot)
+    conversation_deleted: bool = False
 
     @property
     def settled(self) -> bool:
@@ -323,13 +325,18 @@ def decide(reply: Reply, state: ReplyState, policy: RetryPolicy, now: dt.datetim
         return GiveUp(
             "exhausted", f"{state.attempts} attempts failed; the last: {state.last_error}"
         )
-    if state.open_attempt is None and state.retry_at is not None and now < state.retry_at:
-        return Wait(state.retry_at)
+    if state.conversation_deleted:
+        # reply() refuses a deleted conversation; one deleted after the reply was queued
+        # takes its unsent replies with it.
+        return GiveUp("deleted", "the conversation was deleted before the reply was sent")
     local = reply.channel == "widget"
     if not local and (now - reply.queued_at).total_seconds() > policy.max_age:
+        # Before any wait: a retry due after the reply expires would only expire then.
         return GiveUp(
             "expired", f"not sent within {policy.max_age:.0f} s of being queued; not sending late"
         )
+    if state.open_attempt is None and state.retry_at is not None and now < state.retry_at:
+        return Wait(state.retry_at)
     missing = _missing_token(reply)
     if missing is not None:
         return GiveUp("unsendable", missing)
@@ -374,8 +381,10 @@ WHERE e.event_id = ANY(%s) AND e.type = 'MessageSent'
 
 # The stream's version and the reply's delivery events, in one statement (one snapshot).
 _REPLY_STATE = """
-SELECT s.version, e.type, e.data
-FROM (SELECT max(v.stream_version) AS version FROM events v WHERE v.stream_id = %(stream)s) AS s
+SELECT s.version, s.deleted, e.type, e.data
+FROM (SELECT max(v.stream_version) AS version,
+             (SELECT c.deleted FROM conversations c WHERE c.stream_id = %(stream)s) AS deleted
+      FROM events v WHERE v.stream_id = %(stream)s) AS s
 LEFT JOIN LATERAL (
     SELECT d.type, d.data, d.stream_version FROM events d
     WHERE d.stream_id = %(stream)s AND d.stream_version > %(after)s
@@ -407,8 +416,8 @@ async def _read_state(
     rows = await cur.fetchall()
     if not rows:
         raise LookupError(f"no stream {stream_id}")
-    state = ReplyState()
-    for _, type_name, data in rows:
+    state = ReplyState(conversation_deleted=bool(rows[0][1]))
+    for _, _, type_name, data in rows:
         if type_name is not None:
             state.apply(CODEC.decode(type_name, data))
     return state, int(rows[0][0])

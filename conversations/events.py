@@ -229,7 +229,8 @@ class ReplyFailed(msgspec.Struct, frozen=True, tag=True):
 
     ``reason``: ``permanent`` (the provider refused it), ``exhausted`` (every attempt failed),
     ``uncertain`` (two attempts may have reached the provider: a third could be a duplicate),
-    ``expired`` (queued too long ago to be sent now), ``unsendable`` (no token, no channel).
+    ``expired`` (queued too long ago to be sent now), ``unsendable`` (no token, no channel),
+    ``deleted`` (the conversation was deleted before it was sent).
     """
 
     conversation_id: uuid.UUID

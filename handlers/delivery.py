@@ -74,6 +74,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
 import functools
 import logging
 import os
@@ -134,6 +135,11 @@ DELIVERY: Final = DeliveryProjection()
 #: Meta error codes that mean "try again later" (service hiccups and rate limits).
 _META_TRANSIENT_CODES: Final = frozenset({1, 2, 4, 17, 32, 613})
 _MAX_ERROR: Final = 1000
+#: The most of a provider's answer read: its id or its error are a few hundred bytes, and an
+#: unbounded read let a broken or hostile endpoint fill the daemon's memory.
+_MAX_ANSWER: Final = 64 * 1024
+#: The longest wait a provider may ask for (Retry-After, Telegram's retry_after).
+_MAX_RETRY_AFTER: Final = 3600.0
 
 
 def _now() -> dt.datetime:
@@ -230,21 +236,62 @@ _META_ANSWER = msgspec.json.Decoder(_MetaAnswer)
 _TELEGRAM_ANSWER = msgspec.json.Decoder(_TelegramAnswer)
 
 
+def _storable(text: str) -> str:
+    """``text`` as the events can hold it: jsonb refuses NUL, and UTF-8 a lone surrogate.
+
+    Provider answers end up in events; one that could not be stored made the outcome of a
+    call go unrecorded, and the reply was sent again.
+    """
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def _redact(text: str, *secrets: str | None) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text[:_MAX_ERROR]
+    return _storable(text[:_MAX_ERROR])
+
+
+def _wait_seconds(seconds: float) -> float:
+    """A provider's requested wait, within 0 and :data:`_MAX_RETRY_AFTER` (NaN: 0)."""
+    return max(0.0, min(seconds, _MAX_RETRY_AFTER)) if seconds == seconds else 0.0
 
 
 def _retry_after(headers: Any) -> float | None:
+    """``Retry-After`` in seconds: given as seconds, or as an HTTP date."""
     raw = headers.get("Retry-After")
     if raw is None:
         return None
     try:
-        return max(0.0, min(float(raw), 3600.0))
+        return _wait_seconds(float(raw))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # an HTTP date is in GMT
+        when = when.replace(tzinfo=dt.UTC)
+    return _wait_seconds((when - _now()).total_seconds())
+
+
+async def _answer(response: aiohttp.ClientResponse) -> bytes:
+    """Up to :data:`_MAX_ANSWER` bytes of the answer's body; what arrived, if reading fails.
+
+    Once the status is known the provider has decided: a body that stalls or is cut short
+    must not turn a known answer into "maybe sent", and the reply be sent again.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_chunked(16 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ANSWER:
+                break
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    return b"".join(chunks)[:_MAX_ANSWER]
 
 
 class Providers:
@@ -299,15 +346,18 @@ class Providers:
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             timeout=self.timeout,
         ) as response:
-            raw = await response.read()
             status = response.status
             retry_after = _retry_after(response.headers)
+            raw = await _answer(response)
         try:
             answer = _META_ANSWER.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested too deep: not an answer either
             answer = _MetaAnswer()
         if 200 <= status < 300:
-            return SendResult(True, provider_message_id=answer.message_id, status=status)
+            sent_id = answer.message_id
+            if sent_id is not None:
+                sent_id = _storable(sent_id[:_MAX_ERROR])
+            return SendResult(True, provider_message_id=sent_id, status=status)
         error = answer.error or _MetaError(message=raw[:200].decode("utf-8", "replace"))
         text = _redact(
             f"{status} {error.type or 'error'} {error.code}/{error.error_subcode}: {error.message}",
@@ -332,12 +382,12 @@ class Providers:
             headers={"Content-Type": "application/json"},
             timeout=self.timeout,
         ) as response:
-            raw = await response.read()
             status = response.status
             retry_after = _retry_after(response.headers)
+            raw = await _answer(response)
         try:
             answer = _TELEGRAM_ANSWER.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested too deep: not an answer either
             answer = _TelegramAnswer(description=raw[:200].decode("utf-8", "replace"))
         if 200 <= status < 300 and answer.ok and answer.result is not None:
             return SendResult(
@@ -347,7 +397,7 @@ class Providers:
             # Accepted, but not the answer Telegram gives: it was sent, the id is unknown.
             return SendResult(True, status=status)
         if answer.parameters is not None and answer.parameters.retry_after is not None:
-            retry_after = answer.parameters.retry_after
+            retry_after = _wait_seconds(answer.parameters.retry_after)
         code = answer.error_code or status
         text = _redact(f"{code}: {answer.description}", token)
         transient = status >= 500 or status in (408, 429)

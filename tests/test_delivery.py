@@ -805,3 +805,122 @@ async def test_a_standby_takes_over_and_the_models_rebuild_equal(
             )
         ).fetchall()
     assert dict(counts) == {"delivered": 11, "failed": 1}
+
+
+# ------------------------------------------------------- found by review, with repro scripts
+
+
+def test_a_reply_past_its_age_fails_even_while_a_retry_waits() -> None:
+    reply = _reply()
+    t0 = reply.queued_at
+    cid, mid = reply.conversation_id, reply.message_id
+    state = ReplyState()
+    state.apply(ReplyAttempted(cid, mid, 1, t0))
+    a_year = t0 + dt.timedelta(days=365)
+    state.apply(ReplyAttemptFailed(cid, mid, 1, t0, "429", a_year, 429, False))
+    two_days = t0 + dt.timedelta(days=2)
+    verdict = decide(reply, state, RetryPolicy(max_age=86400.0), two_days)
+    assert isinstance(verdict, GiveUp) and verdict.reason == "expired"
+    deleted = ReplyState(conversation_deleted=True)
+    verdict = decide(reply, deleted, POLICY, t0)
+    assert isinstance(verdict, GiveUp) and verdict.reason == "deleted"
+
+
+async def test_a_reply_of_a_conversation_deleted_before_it_went_is_not_sent(
+    pool: AsyncConnectionPool[Any], world: World
+) -> None:
+    await connections(pool)
+    cid = await world.customer("tg", "77")
+    message_id = await world.reply(cid, "never mind")
+    await world.service.delete(cid, by="agent")
+    async with fake() as provider, daemon(pool, settings(provider)):
+        await world.wait_settled([message_id])
+    (failed,) = await world.delivery(message_id)
+    assert failed.reason == "deleted"
+    assert provider.requests == []
+
+
+def test_retry_after_takes_seconds_or_an_http_date() -> None:
+    from email.utils import format_datetime
+
+    from handlers.delivery import _retry_after
+
+    ahead = format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120), usegmt=True)
+    waited = _retry_after({"Retry-After": ahead})
+    assert waited is not None and 100 < waited <= 120
+    assert _retry_after({"Retry-After": "30"}) == 30.0
+    assert _retry_after({"Retry-After": "1e12"}) == 3600.0  # capped
+    assert _retry_after({"Retry-After": "soon"}) is None
+
+
+class _OddTelegram:
+    """A Telegram Bot API stand-in whose one answer is chosen per test: odd, not wrong."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        await request.read()
+        if self.answer == "nested":  # a 200 whose body is nested deeper than msgspec goes
+            nested = b"[" * 5000 + b"]" * 5000  # in a field msgspec skips, recursively
+            deep = b'{"ok":true,"result":{"message_id":1},"extra":' + nested + b"}"
+            return web.Response(body=deep, content_type="application/json")
+        if self.answer == "nul":  # a refusal quoting a NUL back, which jsonb cannot hold
+            body = b'{"ok":false,"error_code":400,"description":"bad chat \\u0000 id"}'
+            return web.Response(status=400, body=body, content_type="application/json")
+        if self.answer == "far":  # a rate limit asking for a wait no timedelta can hold
+            body = b'{"ok":false,"error_code":429,"parameters":{"retry_after":1e12}}'
+            return web.Response(status=429, body=body, content_type="application/json")
+        # "cut": the status and headers, then the body breaks off
+        response = web.StreamResponse(status=200, headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b'{"ok":true,')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ("nested", "ReplyDelivered"),
+        ("cut", "ReplyDelivered"),
+        ("nul", "ReplyFailed"),
+        ("far", "ReplyAttemptFailed"),
+    ],
+)
+async def test_an_odd_answer_is_recorded_and_the_reply_sent_once(
+    pool: AsyncConnectionPool[Any], world: World, answer: str, outcome: str
+) -> None:
+    """Each of these once left the attempt without an outcome: the reply went out again."""
+    from aiohttp.test_utils import TestServer
+
+    await connections(pool)
+    cid = await world.customer("tg", "88")
+    message_id = await world.reply(cid, f"odd {answer}")
+    provider = _OddTelegram(answer)
+    app = web.Application()
+    app.router.add_post("/bot{token}/sendMessage", provider.send)
+    async with TestServer(app, host="127.0.0.1") as server:
+        config = DeliverySettings(
+            telegram_api_url=str(server.make_url("")),
+            timeout=0.4,
+            concurrency=4,
+            policy=POLICY,
+            poll_interval=0.05,
+            standby_interval=0.2,
+        )
+
+        async def recorded() -> bool:
+            return len(await world.delivery(message_id)) >= 2
+
+        async with daemon(pool, config):
+            await until(recorded)
+    events = await world.delivery(message_id)
+    assert [type(e).__name__ for e in events][:2] == ["ReplyAttempted", outcome]
+    assert provider.calls == 1
+    if answer == "far":
+        retry_at = events[1].retry_at
+        assert retry_at is not None and retry_at <= events[1].failed_at + dt.timedelta(hours=1)

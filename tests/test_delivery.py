@@ -61,10 +61,13 @@ POLICY = RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2, in_doubt_af
 WAIT = 60.0
 
 
-def settings(provider: FakeProvider, policy: RetryPolicy = POLICY) -> DeliverySettings:
+def settings(
+    provider: FakeProvider | None, policy: RetryPolicy = POLICY, *, telegram_url: str = ""
+) -> DeliverySettings:
+    """Fast settings for tests, against ``provider`` (or only ``telegram_url``)."""
     return DeliverySettings(
-        graph_api_url=provider.graph_url,
-        telegram_api_url=provider.telegram_url,
+        graph_api_url=provider.graph_url if provider else telegram_url,
+        telegram_api_url=provider.telegram_url if provider else telegram_url,
         timeout=0.4,
         concurrency=16,
         policy=policy,
@@ -904,14 +907,7 @@ async def test_an_odd_answer_is_recorded_and_the_reply_sent_once(
     app = web.Application()
     app.router.add_post("/bot{token}/sendMessage", provider.send)
     async with TestServer(app, host="127.0.0.1") as server:
-        config = DeliverySettings(
-            telegram_api_url=str(server.make_url("")),
-            timeout=0.4,
-            concurrency=4,
-            policy=POLICY,
-            poll_interval=0.05,
-            standby_interval=0.2,
-        )
+        config = settings(None, telegram_url=str(server.make_url("")))
 
         async def recorded() -> bool:
             return len(await world.delivery(message_id)) >= 2

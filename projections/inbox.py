@@ -30,7 +30,8 @@ Meaning of the columns
   ``snoozed_until`` has passed counts as open, which queries decide with their clock (the
   stored row must not depend on when it was projected).
 - ``last_activity_at`` orders the inbox: the last message's time (the provider's), else the
-  opening time.
+  opening time. The last message is the newest by that time: one delivered late, older than
+  it, counts but changes neither (so the order never moves back under a pager).
 - ``unread_count`` counts customer messages after the message the last ``MessagesRead`` named;
   ``messages.inbound_number`` (customer messages so far, at each message) makes that a
   subtraction.
@@ -795,8 +796,17 @@ class _Batch:
             conv.inbound_count += 1
             conv.unread_count += 1
         message = self.new_messages[message_id] = _Message.new(event, data, conv.inbound_count)
+        if conv.last_message_at is None:
+            conv.last_activity_at = data.sent_at
+        elif data.sent_at < conv.last_message_at:
+            # Older than the last message: one a provider delivered late. It counts (and is
+            # unread), but it neither takes the preview nor moves the conversation down the
+            # inbox, where a pager would then meet it twice.
+            return
+        else:
+            conv.last_activity_at = max(conv.last_activity_at, data.sent_at)
         self.previews[conv.conversation_id] = message
-        conv.last_message_at = conv.last_activity_at = data.sent_at
+        conv.last_message_at = data.sent_at
         conv.last_message_id = message_id
         conv.last_message_direction = message.direction
         conv.last_message_status = message.delivery_status

@@ -622,3 +622,27 @@ async def test_a_batch_folded_before_a_merge_commits_still_follows_the_merge(
     for chat in (old, for_x, for_a):
         conversation = await q.conversation(chat.id)
         assert conversation is not None and conversation.contact_id == b, chat
+
+
+async def test_a_message_delivered_late_neither_sinks_the_conversation_nor_repeats_it(
+    pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    """Found by review: a late message (a provider's redelivery hours on) set the row's time
+    back to its own, so the conversation sank and a pager met it twice."""
+    x, y = Chat(store), Chat(store)
+    await x.open(at(0))
+    await x.customer("newest", at(50))
+    await y.open(at(0), psid="p2")
+    await y.customer("middle", at(30))
+    await project(pool)
+    q = InboxQueries(pool)
+    first = await q.inbox("fb", "open", limit=1)
+    assert [c.conversation_id for c in first.items] == [x.id]
+    await x.customer("sent long ago", at(1))  # delivered now, stamped at minute 1
+    await project(pool)
+    rest = await q.inbox("fb", "open", limit=10, cursor=first.next_cursor)
+    assert [c.conversation_id for c in rest.items] == [y.id]
+    row = await q.conversation(x.id)
+    assert row is not None
+    assert (row.last_activity_at, row.last_message_preview) == (at(50), "newest")
+    assert (row.message_count, row.unread_count) == (2, 2)

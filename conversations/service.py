@@ -419,23 +419,29 @@ FROM conversations v
 _CONVERSATION = _CONVERSATION_STATES + "WHERE v.conversation_id = %s"
 
 # One identifier given to a contact, (value, contact_id, value): set where the contact has
-# none and no other contact the identify probes could match has it, so that which contact an
-# identifier matches never changes (and the client id's unique index is never hit).
+# none, the probes can match it (not a guest that never registered: one that held an
+# identifier no probe finds would keep it from anyone), and no other contact the probes could
+# match has it, so that which contact an identifier matches never changes (and the client
+# id's unique index is never hit).
 _FILL_IDENTIFIER: Final[dict[str, LiteralString]] = {
     # Any live contact: contacts_client_id_key allows one per client id, guest or not.
     "client_id": "UPDATE contacts t SET client_id = %s WHERE t.contact_id = %s"
-    " AND t.client_id IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " AND t.client_id IS NULL AND (t.registered OR NOT t.is_guest)"
+    " AND NOT EXISTS (SELECT FROM contacts o"
     " WHERE o.client_id = %s AND o.merged_into IS NULL AND o.contact_id <> t.contact_id)",
     "username": "UPDATE contacts t SET username = %s WHERE t.contact_id = %s"
-    " AND t.username IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " AND t.username IS NULL AND (t.registered OR NOT t.is_guest)"
+    " AND NOT EXISTS (SELECT FROM contacts o"
     " WHERE lower(o.username) = lower(%s) AND o.merged_into IS NULL"
     " AND o.contact_id <> t.contact_id AND (o.registered OR NOT o.is_guest))",
     "email": "UPDATE contacts t SET email = %s WHERE t.contact_id = %s"
-    " AND t.email IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " AND t.email IS NULL AND (t.registered OR NOT t.is_guest)"
+    " AND NOT EXISTS (SELECT FROM contacts o"
     " WHERE lower(o.email) = lower(%s) AND o.merged_into IS NULL"
     " AND o.contact_id <> t.contact_id AND (o.registered OR NOT o.is_guest))",
     "phone": "UPDATE contacts t SET phone = %s WHERE t.contact_id = %s"
-    " AND t.phone IS NULL AND NOT EXISTS (SELECT FROM contacts o"
+    " AND t.phone IS NULL AND (t.registered OR NOT t.is_guest)"
+    " AND NOT EXISTS (SELECT FROM contacts o"
     " WHERE o.phone = %s AND o.merged_into IS NULL AND o.contact_id <> t.contact_id"
     " AND (o.registered OR NOT o.is_guest))",
 }

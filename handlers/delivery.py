@@ -268,18 +268,21 @@ def _retry_after(headers: Any) -> float | None:
         pass
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
+        # Not a date either (or one no datetime holds): this runs on every answer, sent ones
+        # too, so it must not raise.
         return None
     if when.tzinfo is None:  # an HTTP date is in GMT
         when = when.replace(tzinfo=dt.UTC)
     return _wait_seconds((when - _now()).total_seconds())
 
 
-async def _answer(response: aiohttp.ClientResponse) -> bytes:
-    """Up to :data:`_MAX_ANSWER` bytes of the answer's body; what arrived, if reading fails.
+async def _answer(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Up to :data:`_MAX_ANSWER` bytes of the answer's body, and whether it arrived whole.
 
     Once the status is known the provider has decided: a body that stalls or is cut short
-    must not turn a known answer into "maybe sent", and the reply be sent again.
+    must not turn a known answer into "maybe sent", and the reply be sent again. What the
+    body would have said (a Meta error's code) is then unknown, which callers weigh.
     """
     chunks: list[bytes] = []
     size = 0
@@ -290,8 +293,8 @@ async def _answer(response: aiohttp.ClientResponse) -> bytes:
             if size >= _MAX_ANSWER:
                 break
     except (TimeoutError, aiohttp.ClientError):
-        pass
-    return b"".join(chunks)[:_MAX_ANSWER]
+        return b"".join(chunks)[:_MAX_ANSWER], False
+    return b"".join(chunks)[:_MAX_ANSWER], True
 
 
 class Providers:
@@ -348,7 +351,7 @@ class Providers:
         ) as response:
             status = response.status
             retry_after = _retry_after(response.headers)
-            raw = await _answer(response)
+            raw, whole = await _answer(response)
         try:
             answer = _META_ANSWER.decode(raw)
         except (msgspec.DecodeError, RecursionError):  # nested too deep: not an answer either
@@ -364,7 +367,8 @@ class Providers:
             token,
         )
         transient = (
-            status >= 500
+            not whole  # a refusal whose reason never arrived may be a rate limit: not sent, retry
+            or status >= 500
             or status in (408, 429)
             or error.is_transient
             or error.code in _META_TRANSIENT_CODES
@@ -384,7 +388,7 @@ class Providers:
         ) as response:
             status = response.status
             retry_after = _retry_after(response.headers)
-            raw = await _answer(response)
+            raw, _ = await _answer(response)  # Telegram's status alone says transient or not
         try:
             answer = _TELEGRAM_ANSWER.decode(raw)
         except (msgspec.DecodeError, RecursionError):  # nested too deep: not an answer either

@@ -1061,3 +1061,21 @@ async def test_more_bad_input_is_refused_and_changes_nothing(
         await add_connection(service.pool, "trailing\n", channel="widget", external_id="x")
     with pytest.raises(InvalidCommand):
         await add_connection(service.pool, "sur", channel="widget", external_id="x\ud800")
+
+
+async def test_identify_joining_a_guest_through_a_merge_leaves_its_ids_free(
+    service: ConversationService,
+) -> None:
+    """The match merged into a guest that never registered while identify ran: identify joins
+    that guest, but gives it no identifier the probes could not find it by."""
+    for n in range(15):
+        r = await service.guest_sign_up("web")
+        await service.identify(r.contact_id, client_id=f"x-{n}")
+        g = await service.guest_sign_up("web")
+        b = await service.guest_sign_up("web")
+        await asyncio.gather(
+            service.identify(b.contact_id, client_id=f"x-{n}"),
+            service.merge_contacts(r.contact_id, g.contact_id),
+        )
+        later = await service.guest_sign_up("web")
+        await service.identify(later.contact_id, client_id=f"x-{n}")  # matched, or registers

@@ -21,6 +21,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DuplicateEvent",
     "InvalidAppend",
+    "MigrationFailed",
     "SchemaMismatch",
     "StreamDeleted",
     "UnknownEventType",
@@ -31,6 +32,22 @@ __all__ = [
 
 class ConvstoreError(Exception):
     """Root of every error convstore raises on purpose."""
+
+
+class MigrationFailed(ConvstoreError):
+    """A migration's SQL failed: it was rolled back whole; the ones before it stay applied."""
+
+    def __init__(
+        self, label: str, applied: tuple[str, ...], sqlstate: str | None, reason: str
+    ) -> None:
+        before = f"applied before it: {', '.join(applied)}" if applied else "none applied before it"
+        super().__init__(
+            f"migration {label} failed and was rolled back (SQLSTATE {sqlstate}: {reason});"
+            f" {before}"
+        )
+        self.label = label
+        self.applied = applied
+        self.sqlstate = sqlstate
 
 
 class SchemaMismatch(ConvstoreError):

@@ -151,7 +151,11 @@ def run_export(args: Any, database_url: str) -> int:
     )
     progress = sys.stderr if sys.stderr.isatty() else None
     if args.out:
-        with open(args.out, "wb") as out:
+        try:
+            out_file = open(args.out, "wb")  # closed by the with below
+        except OSError as exc:
+            raise ValueError(f"cannot write {args.out}: {exc.strerror}") from None
+        with out_file as out:
             count = asyncio.run(
                 export(database_url, where, out, fmt=args.format, progress=progress)
             )

@@ -7,9 +7,13 @@ moment (so a snooze that had not yet run out reads as snoozed). Nothing is a sec
 implementation: the handler and the queries are the ones the daemon and the API use.
 
 "Recorded by T" is the prefix of the log up to the newest checkpoint whose ``recorded_at`` (its
-transaction's start) is at or before T. Because the log is ordered by transaction id, that
-prefix can also hold an event of a transaction that started just after T but took its id
-before a slower one: at most the events of transactions in flight around T.
+transaction's start) is at or before T. The log is ordered by transaction id, which a
+transaction takes at its first write, not at its start. So when a transaction that started
+before T first wrote only later (it waited on a lock, say), the prefix up to its events also
+holds those of every transaction that wrote before it, including ones that started after T:
+the inbox as of T may then show what was recorded until that slow transaction wrote. (A prefix
+cut at the first event recorded after T would be exact for committed work, but finding that
+event means reading the log from its start: there is no index on ``recorded_at``.)
 """
 
 from __future__ import annotations

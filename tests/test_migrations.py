@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from eventstore import SchemaMismatch, check_schema, migrate, schema_status
+from eventstore import MigrationFailed, SchemaMismatch, check_schema, migrate, schema_status
 from eventstore.migrations import Migration, load_migrations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +89,33 @@ def test_a_bad_or_unreachable_database_gives_one_line_saying_why(
     [line] = missing.stderr.strip().splitlines()
     assert line.startswith("convstore: PostgreSQL is unavailable: ")
     assert "convstore_no_such_database" in line  # libpq's reason, not only a class name
+
+
+def test_a_failing_migration_is_rolled_back_and_named(empty_database_url: str) -> None:
+    known = load_migrations()
+    broken = _fake(len(known) + 1, "broken", "CREATE TABLE half_applied (id int); SELECT 1/0")
+    with pytest.raises(MigrationFailed) as info:
+        migrate(empty_database_url, (*known, broken))
+    assert info.value.label == broken.label and info.value.sqlstate == "22012"
+    assert info.value.applied == tuple(m.label for m in known)
+    assert str(info.value).startswith(f"migration {broken.label} failed and was rolled back")
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (
+            known[-1].version,
+        )
+        assert conn.execute("SELECT to_regclass('half_applied')").fetchone() == (None,)
+
+
+def test_replay_to_a_path_it_cannot_write_says_so_in_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    for target in (tmp_path / "missing" / "x.jsonl", tmp_path):
+        done = _convstore("replay", "--out", str(target), url=database_url)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            f"convstore: cannot write {target}: "
+            + ("No such file or directory" if target != tmp_path else "Is a directory")
+        ]
 
 
 def _fresh(url: str) -> str:

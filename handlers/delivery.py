@@ -290,11 +290,11 @@ async def _answer(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         async for chunk in response.content.iter_chunked(16 * 1024):
             chunks.append(chunk)
             size += len(chunk)
-            if size >= _MAX_ANSWER:
-                break
+            if size > _MAX_ANSWER:
+                return b"".join(chunks)[:_MAX_ANSWER], False  # cut here: not whole either
     except (TimeoutError, aiohttp.ClientError):
         return b"".join(chunks)[:_MAX_ANSWER], False
-    return b"".join(chunks)[:_MAX_ANSWER], True
+    return b"".join(chunks), True
 
 
 class Providers:
@@ -367,7 +367,8 @@ class Providers:
             token,
         )
         transient = (
-            not whole  # a refusal whose reason never arrived may be a rate limit: not sent, retry
+            # A refusal whose reason never arrived whole may be a rate limit: not sent, retry.
+            (not whole and answer.error is None)
             or status >= 500
             or status in (408, 429)
             or error.is_transient

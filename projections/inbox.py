@@ -29,9 +29,9 @@ Meaning of the columns
 - ``status`` is the status the events left (``open``, ``snoozed``, ``closed``); a snooze whose
   ``snoozed_until`` has passed counts as open, which queries decide with their clock (the
   stored row must not depend on when it was projected).
-- ``last_activity_at`` orders the inbox: the last message's time (the provider's), else the
-  opening time. The last message is the newest by that time: one delivered late, older than
-  it, counts but changes neither (so the order never moves back under a pager).
+- ``last_activity_at`` orders the inbox: the newest time of its messages (the provider's),
+  else the opening time. It never moves back: a message delivered late is the last message
+  (the preview), but leaves the order where it was, so a pager never meets a row twice.
 - ``unread_count`` counts customer messages after the message the last ``MessagesRead`` named;
   ``messages.inbound_number`` (customer messages so far, at each message) makes that a
   subtraction.
@@ -796,16 +796,14 @@ class _Batch:
             conv.inbound_count += 1
             conv.unread_count += 1
         message = self.new_messages[message_id] = _Message.new(event, data, conv.inbound_count)
+        self.previews[conv.conversation_id] = message
+        # The order never moves back: a message a provider delivered late (or stamped by a
+        # clock behind ours) is still the last one to arrive, but it must not sink the
+        # conversation below older ones, where a pager would meet it twice.
         if conv.last_message_at is None:
             conv.last_activity_at = data.sent_at
-        elif data.sent_at < conv.last_message_at:
-            # Older than the last message: one a provider delivered late. It counts (and is
-            # unread), but it neither takes the preview nor moves the conversation down the
-            # inbox, where a pager would then meet it twice.
-            return
         else:
             conv.last_activity_at = max(conv.last_activity_at, data.sent_at)
-        self.previews[conv.conversation_id] = message
         conv.last_message_at = data.sent_at
         conv.last_message_id = message_id
         conv.last_message_direction = message.direction
@@ -871,8 +869,9 @@ class InboxProjection(Projection):
     """Inbox rows, message lists, counts per status and contact merges (see the module)."""
 
     name: ClassVar[str] = "inbox"
-    #: 2: delivery status of outbound messages, failed replies per conversation
-    version: ClassVar[int] = 2
+    #: 2: delivery status of outbound messages, failed replies per conversation; 3:
+    #: last_activity_at keeps the newest message time (it followed the last message's)
+    version: ClassVar[int] = 3
     handles: ClassVar[frozenset[str]] = _HANDLED
     tables: ClassVar[tuple[str, ...]] = ("conversations", "messages", "counts", "contact_merges")
     codec: ClassVar[EventCodec] = CODEC

@@ -121,6 +121,12 @@ class ConstraintViolation(ConvstoreError):
 _UNAVAILABLE_CLASSES = ("08", "57")  # connection exceptions, operator intervention (shutdown)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, for people (never parsed); its class if empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def raise_translated(exc: psycopg.Error) -> NoReturn:
     """Raise the convstore error for a psycopg error, chained to it."""
     sqlstate = exc.sqlstate
@@ -129,8 +135,7 @@ def raise_translated(exc: psycopg.Error) -> NoReturn:
     ):
         # libpq's first line says why (refused, unknown database, authentication); shown to
         # operators, never parsed. HTTP clients get a fixed message (handlers/errors.py).
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {reason}") from exc
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {first_line(exc)}") from exc
     if isinstance(exc, pg_errors.IntegrityError):
         raise ConstraintViolation(exc.diag.constraint_name, sqlstate) from exc
     raise exc

@@ -20,7 +20,7 @@ import msgspec
 import psycopg
 
 from .database import connect_kwargs
-from .errors import MigrationFailed, SchemaMismatch, translate_errors
+from .errors import MigrationFailed, SchemaMismatch, first_line, translate_errors
 
 __all__ = [
     "AppliedMigration",
@@ -216,12 +216,11 @@ def migrate(url: str, migrations: Sequence[Migration] | None = None) -> tuple[Mi
                     except psycopg.OperationalError:
                         raise  # the server went away: translated on the way out
                     except psycopg.Error as exc:
-                        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                         raise MigrationFailed(
                             migration.label,
                             tuple(m.label for m in applied_now),
                             exc.sqlstate,
-                            reason,
+                            first_line(exc),
                         ) from exc
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name, checksum)"

@@ -113,6 +113,8 @@ from eventstore import Checkpoint, DatabaseUnavailable, EventStore
 from projections.delivery import DeliveryProjection
 from projections.runner import Outcome, ProjectionRunner, Waker
 
+from .meta import USER_REF_PREFIX
+
 __all__ = [
     "DEFAULT_GRAPH_API_URL",
     "DEFAULT_TELEGRAM_API_URL",
@@ -335,8 +337,14 @@ class Providers:
 
     async def _meta(self, reply: Reply) -> SendResult:
         token = reply.connection.access_token or ""
+        # A customer keyed by a plugin's user_ref (see handlers.meta) is addressed by it.
+        recipient = (
+            {"user_ref": reply.psid.removeprefix(USER_REF_PREFIX)}
+            if reply.psid.startswith(USER_REF_PREFIX)
+            else {"id": reply.psid}
+        )
         body: dict[str, Any] = {
-            "recipient": {"id": reply.psid},
+            "recipient": recipient,
             "messaging_type": "RESPONSE",
             "message": {"text": reply.text or "", "metadata": echo_metadata(reply.message_id)},
         }

@@ -7,9 +7,10 @@ secret of a connection it routes to; entries of connections whose secret did not
 processed. Inbound messages are stored with ``receive_inbound`` (idempotent by ``mid``), echoes
 with ``record_echo`` as outbound messages (the echo of one of our own replies, recognised by the
 ``metadata`` the delivery daemon set, confirms that reply instead); read and delivery receipts
-are counted and accepted (the store has no receipt events). The delivery's items are applied
-one by one in timestamp order, and the answer is 200 only after every stored event is
-committed.
+are counted and accepted (the store has no receipt events). The items of ``messaging[]`` and
+of ``standby[]`` (threads another app controls) are applied one by one in timestamp order, and
+the answer is 200 only after every stored event is committed. An item the service refuses is
+logged, counted and skipped, since the items before it are already committed.
 
 An entry id no connection is registered for is logged, counted and skipped, and the request
 still gets 200 so Meta does not disable the webhook.
@@ -29,13 +30,14 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from conversations.connections import Connection, list_connections
+from conversations.errors import InvalidCommand
 from conversations.events import Attachment
 from conversations.service import MAX_ID, MAX_TEXT, ConversationService, InboundMessage
 
 from .app import CONNECTIONS, METRICS, POOL, SERVICE, decode_json, json_response
 from .errors import HTTPError
 
-__all__ = ["WEBHOOK_ITEMS", "add_routes", "signature_header", "webhook_items"]
+__all__ = ["USER_REF_PREFIX", "WEBHOOK_ITEMS", "add_routes", "signature_header", "webhook_items"]
 
 log = logging.getLogger("convstore.webhooks.meta")
 
@@ -46,6 +48,8 @@ NO_NUL = r"^[^\x00]*$"
 MAX_ENTRY_IDS = 1000
 #: The last millisecond of the year 9999: larger timestamps are not times.
 MAX_MILLIS = 253_402_300_799_999
+#: The key prefix of a customer Meta names by a plugin's ``user_ref`` rather than an id.
+USER_REF_PREFIX = "user_ref:"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _CHANNELS = {"page": "messenger", "instagram": "instagram"}
@@ -64,9 +68,12 @@ WEBHOOK_ITEMS = web.AppKey("webhook_items", Counter)
 
 
 class Party(msgspec.Struct, frozen=True):
-    """``sender`` / ``recipient``: a PSID, an IGSID, or the page / account id."""
+    """``sender`` / ``recipient``: a PSID, an IGSID, or the page / account id; or, for a
+    person the page knows only through a plugin (Chat Plugin guests, the checkbox plugin's
+    opt-ins, referrals), a ``user_ref`` instead of an ``id``."""
 
-    id: Id
+    id: Id | None = None
+    user_ref: Id | None = None
 
 
 class AttachmentPayload(msgspec.Struct, frozen=True):
@@ -135,10 +142,16 @@ class Messaging(msgspec.Struct, frozen=True):
 
 
 class Entry(msgspec.Struct, frozen=True):
-    """One ``entry[]``: the page or Instagram account ``id`` and its items."""
+    """One ``entry[]``: the page or Instagram account ``id`` and its items.
+
+    ``standby`` holds the items of threads another app controls (Meta's handover protocol,
+    for example while a person answers in the Page Inbox): they are the customer's messages
+    all the same, so they are stored like ``messaging``.
+    """
 
     id: Id
     messaging: tuple[Messaging, ...] | None = None
+    standby: tuple[Messaging, ...] | None = None
 
 
 class MetaDelivery(msgspec.Struct, frozen=True):
@@ -308,10 +321,11 @@ async def receive(request: web.Request) -> web.Response:
 
     # Every item of every verified entry, applied one at a time in timestamp order (stable).
     items = [
-        (entry, _checked(item, f"$.entry[{e}].messaging[{m}]"))
+        (entry, _checked(item, f"$.entry[{e}].{field}[{m}]"))
         for e, entry in enumerate(delivery.entry)
         if entry.id in verified
-        for m, item in enumerate(entry.messaging or ())
+        for field, listed in (("messaging", entry.messaging), ("standby", entry.standby))
+        for m, item in enumerate(listed or ())
     ]
     items.sort(key=lambda pair: pair[1].timestamp)
     summary.items = len(items)
@@ -319,7 +333,20 @@ async def receive(request: web.Request) -> web.Response:
     started = time.perf_counter()
     for entry, item in items:
         connection = known[entry.id]
-        kind = await _apply(service, connection, entry, item)
+        try:
+            kind = await _apply(service, connection, entry, item)
+        except InvalidCommand as exc:
+            # The items before this one are committed: a 400 now would have Meta retry the
+            # whole delivery for ever and never reach the items after it. The item is
+            # counted, logged and skipped instead (a signed delivery gets 200 or 503).
+            log.warning(
+                "meta item refused on %s (%s, field %s): %s",
+                connection.name,
+                item.message.mid if item.message is not None else "no mid",
+                exc.field,
+                exc,
+            )
+            kind = "invalid"
         items_counter.labels("meta", kind).inc()
         if kind in ("message", "echo", "reply_confirmed"):
             summary.stored += 1
@@ -335,9 +362,18 @@ async def receive(request: web.Request) -> web.Response:
 
 
 def _customer(item: Messaging) -> str | None:
-    """The customer's id: the sender of a message, the recipient of an echo."""
+    """The customer's key: the sender of a message, the recipient of an echo.
+
+    A person known only by a plugin's ``user_ref`` is keyed ``user_ref:<ref>``: the prefix
+    keeps those keys apart from PSIDs (digits only), and the reply daemon addresses them by
+    ``user_ref`` again.
+    """
     party = item.recipient if item.message is not None and item.message.is_echo else item.sender
-    return party.id if party is not None else None
+    if party is None:
+        return None
+    if party.id is not None:
+        return party.id
+    return USER_REF_PREFIX + party.user_ref if party.user_ref is not None else None
 
 
 def _checked(item: Messaging, path: str) -> Messaging:
@@ -347,7 +383,7 @@ def _checked(item: Messaging, path: str) -> Messaging:
         raise HTTPError(
             400,
             "invalid_field",
-            f"Object missing required field `{party}` - at `{path}`",
+            f"a message needs its customer's `{party}` with an `id` or a `user_ref` - at `{path}`",
             field=f"{path}.{party}",
         )
     return item
@@ -361,8 +397,9 @@ async def _apply(
     psid = _customer(item)
     if message is not None and psid is not None:  # _checked: a message has its customer
         attachments = _attachments(message)
-        if message.text is None and not attachments:
-            # Deleted (unsent) or unsupported messages carry neither: nothing to store.
+        if not (message.text or "").strip() and not attachments:
+            # Deleted (unsent) or unsupported messages carry neither: nothing to store. The
+            # rule is the service's (blank text is no text), so such an item is not refused.
             return "empty_message"
         sent_at = _when(item.timestamp)
         if message.is_echo:

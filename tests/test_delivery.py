@@ -652,11 +652,19 @@ async def test_messenger_window_refuses_late_replies_with_a_clear_422(
     assert [m.tag for m in sent] == ["HUMAN_AGENT", "ACCOUNT_UPDATE", None]
 
 
+@pytest.mark.parametrize(
+    ("psid", "recipient"),
+    [
+        ("tagged", {"id": "tagged"}),
+        # A customer Meta named by a plugin's user_ref (handlers.meta keys it so).
+        ("user_ref:guest-7", {"user_ref": "guest-7"}),
+    ],
+)
 async def test_tagged_replies_go_out_as_message_tags(
-    pool: AsyncConnectionPool[Any], world: World
+    pool: AsyncConnectionPool[Any], world: World, psid: str, recipient: dict[str, str]
 ) -> None:
     await connections(pool)
-    cid = await world.customer("fb", "tagged", at=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+    cid = await world.customer("fb", psid, at=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
     message_id = await world.reply(cid, "your order shipped", tag="POST_PURCHASE_UPDATE")
     bodies: list[dict[str, Any]] = []
 
@@ -680,7 +688,7 @@ async def test_tagged_replies_go_out_as_message_tags(
         await runner.cleanup()
     assert bodies == [
         {
-            "recipient": {"id": "tagged"},
+            "recipient": recipient,
             "messaging_type": "MESSAGE_TAG",
             "message": {"text": "your order shipped", "metadata": echo_metadata(message_id)},
             "tag": "POST_PURCHASE_UPDATE",

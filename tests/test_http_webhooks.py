@@ -424,6 +424,83 @@ async def test_meta_bad_bodies_get_clear_4xx(
     assert await event_count(pool) == 0
 
 
+async def test_meta_user_ref_senders_and_standby_items_are_kept(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any], events: EventStore
+) -> None:
+    # Meta's shapes: a Chat Plugin guest or a referral names its sender by user_ref only, and
+    # items of a thread another app controls (handover protocol) come under "standby".
+    await _page(pool)
+    guest = {
+        "sender": {"user_ref": "guest-7"},
+        "recipient": {"id": PAGE},
+        "timestamp": T0 + 2,
+        "message": {"mid": "m_guest", "text": "hi from the chat plugin"},
+    }
+    postback = {
+        "sender": {"user_ref": "guest-7"},
+        "recipient": {"id": PAGE},
+        "timestamp": T0 + 3,
+        "postback": {"title": "Start", "payload": "GET_STARTED"},
+    }
+    body = json.dumps(
+        {
+            "object": "page",
+            "entry": [
+                {
+                    "id": PAGE,
+                    "time": T0,
+                    "messaging": [_inbound("P-1", "m_1", T0, "first"), guest, postback],
+                    "standby": [_inbound("P-2", "m_standby", T0 + 1, "while a person answers")],
+                }
+            ],
+        }
+    ).encode()
+    response = await post_meta(http, body)
+    assert response.status == 200, await response.text()
+    summary = await response.json()
+    assert (summary["items"], summary["stored"], summary["skipped"]) == (4, 3, 1)
+    for psid, text in (
+        ("P-1", "first"),
+        ("P-2", "while a person answers"),
+        ("user_ref:guest-7", "hi from the chat plugin"),
+    ):
+        [stream] = await conversations_of(pool, events, "page", psid)
+        assert [e.data.text for e in stream if e.type == "MessageReceived"] == [text]
+    again = await post_meta(http, body)
+    assert (await again.json())["duplicates"] == 3
+
+
+async def test_meta_an_item_the_service_refuses_does_not_block_the_others(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any], events: EventStore
+) -> None:
+    # Items are committed one by one, so one item refused midway must not turn the delivery
+    # into a 400 that Meta retries for ever while the later items are never stored.
+    await _page(pool)
+    blank = _inbound("P-1", "m_blank", T0 + 1, "\u3000 \n")  # whitespace only: nothing to store
+    too_long = {  # a user_ref longer than a customer key may be
+        "sender": {"user_ref": "r" * 495},
+        "recipient": {"id": PAGE},
+        "timestamp": T0 + 2,
+        "message": {"mid": "m_long", "text": "lost?"},
+    }
+    items = [_inbound("P-1", "m_1", T0, "first"), blank, too_long]
+    items.append(_inbound("P-1", "m_3", T0 + 3, "third"))
+    body = _body("page", (PAGE, items))
+    for attempt in range(2):
+        response = await post_meta(http, body)
+        assert response.status == 200, await response.text()
+        summary = await response.json()
+        assert summary["skipped"] == 2
+        assert (summary["stored"], summary["duplicates"]) == ((2, 0) if attempt == 0 else (0, 2))
+    [stream] = await conversations_of(pool, events, "page", "P-1")
+    assert [e.data.text for e in stream if e.type == "MessageReceived"] == ["first", "third"]
+    kinds = {"empty_message": 2, "invalid": 2}
+    for kind, count in kinds.items():
+        assert await metric(http, "convstore_webhook_items_total", provider="meta", kind=kind) == (
+            count
+        )
+
+
 # --------------------------------------------------------------------------- Telegram
 
 

@@ -43,8 +43,8 @@ log = logging.getLogger("convstore.webhooks.meta")
 
 #: PostgreSQL's jsonb cannot hold U+0000: a string we store must not contain it.
 NO_NUL = r"^[^\x00]*$"
-#: The most distinct entry ids one delivery may name (Meta batches at most 1000 updates); each
-#: is looked up before the signature can be checked, so an unsigned body cannot ask for more.
+#: The most distinct entry ids one delivery may name (Meta batches at most 1000 updates); they
+#: are looked up (in one query) before the signature can be checked.
 MAX_ENTRY_IDS = 1000
 #: The last millisecond of the year 9999: larger timestamps are not times.
 MAX_MILLIS = 253_402_300_799_999
@@ -278,10 +278,7 @@ async def receive(request: web.Request) -> web.Response:
         )
     known: dict[str, Connection] = {}
     if channel is not None:
-        for entry_id in sorted(entry_ids):
-            connection = await app[CONNECTIONS].find(channel, entry_id)
-            if connection is not None:
-                known[entry_id] = connection
+        known = await app[CONNECTIONS].find_many(channel, entry_ids)
 
     unknown = [entry for entry in delivery.entry if entry.id not in known]
     if unknown:

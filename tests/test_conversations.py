@@ -859,6 +859,14 @@ async def test_connection_cache_keeps_found_connections_for_its_ttl_and_never_a_
     await asyncio.sleep(0.25)
     assert (await cache.get("late")).app_secret == "b"
     assert (await cache.find("messenger", "page-9")) == await cache.get("late")
+    # Many ids at once: the kept ones from the cache, the rest in one query, misses left out.
+    await add_connection(pool, "other", channel="messenger", external_id="page-8", app_secret="c")
+    await add_connection(pool, "ig", channel="instagram", external_id="page-7", app_secret="d")
+    many = await cache.find_many("messenger", ["page-9", "page-8", "page-7", "page-404"])
+    assert {k: c.name for k, c in many.items()} == {"page-9": "late", "page-8": "other"}
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE connections SET app_secret = 'e' WHERE name = 'other'")
+    assert (await cache.find_many("messenger", ["page-8"]))["page-8"].app_secret == "c"
 
 
 async def test_a_caller_cancelled_while_its_batch_waits_leaves_the_others_alone(

@@ -285,6 +285,18 @@ def _operation(
     return op
 
 
+def _preflight(operation_id: str) -> dict[str, Any]:
+    """A widget route's CORS preflight (the widget runs on the customer's website)."""
+    return _operation(
+        operation_id,
+        "CORS preflight: any origin may call the widget routes (a bearer token, no cookies)",
+        "widget",
+        {"204": _response("Allowed: Access-Control-Allow-* headers, no body.")} | _errors(404),
+        parameters=("WidgetConnection",),
+        security=_PUBLIC,
+    )
+
+
 _AGENT: Final[list[dict[str, list[str]]]] = [{"agentToken": []}]
 _GUEST: Final[list[dict[str, list[str]]]] = [{"guestToken": []}]
 _PUBLIC: Final[list[dict[str, list[str]]]] = []
@@ -518,6 +530,7 @@ def _paths() -> dict[str, Any]:
             )
         },
         "/widget/{connection}/guests": {
+            "options": _preflight("widgetSignUpPreflight"),
             "post": _operation(
                 "widgetSignUp",
                 "Sign a guest up; returns its token",
@@ -527,9 +540,10 @@ def _paths() -> dict[str, Any]:
                 parameters=("WidgetConnection",),
                 body=_body("GuestSignUpBody"),
                 security=_PUBLIC,
-            )
+            ),
         },
         "/widget/{connection}/messages": {
+            "options": _preflight("widgetMessagesPreflight"),
             "get": _operation(
                 "widgetHistory",
                 "The guest's own messages, oldest first",

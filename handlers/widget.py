@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 import time
-from typing import Annotated
+from typing import Annotated, Final
 
 import msgspec
 from aiohttp import web
@@ -23,9 +23,22 @@ from .agent import connection_name
 from .app import CONNECTIONS, METRICS, POOL, SERVICE, STORE, WIDGET_KEY, decode_json, json_response
 from .errors import HTTPError
 
-__all__ = ["add_routes", "guest_token"]
+__all__ = ["CORS_HEADERS", "PREFLIGHT_HEADERS", "add_routes", "guest_token"]
 
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
+
+# The widget runs in the browser on the customer's own website, an origin other than ours, so
+# browsers let it call these routes only with CORS. Any origin may: the routes take a bearer
+# guest token and never a cookie, so a page cannot act with a visitor's ambient credentials.
+#: Headers of every widget response, errors included (the widget reads their bodies too).
+CORS_HEADERS: Final = {"Access-Control-Allow-Origin": "*"}
+#: The answer to a browser's preflight (OPTIONS) before a call with a JSON body or a token.
+PREFLIGHT_HEADERS: Final = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+    "Access-Control-Max-Age": "600",
+}
 
 
 class GuestSignUpBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -169,8 +182,22 @@ async def history(request: web.Request) -> web.Response:
     return json_response({"items": items, "next_cursor": None})
 
 
+async def preflight(request: web.Request) -> web.Response:
+    """A browser's CORS preflight: any origin may call the widget routes (see above)."""
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+
+
+async def _allow_any_origin(request: web.Request, response: web.StreamResponse) -> None:
+    # Called as the response starts, before its headers are written.
+    if request.path.startswith("/widget/"):
+        response.headers.update(CORS_HEADERS)
+
+
 def add_routes(app: web.Application) -> None:
-    """Register the widget routes."""
+    """Register the widget routes, and CORS headers on their responses."""
     app.router.add_post("/widget/{connection}/guests", sign_up)
     app.router.add_post("/widget/{connection}/messages", post_message)
     app.router.add_get("/widget/{connection}/messages", history)
+    app.router.add_route("OPTIONS", "/widget/{connection}/guests", preflight)
+    app.router.add_route("OPTIONS", "/widget/{connection}/messages", preflight)
+    app.on_response_prepare.append(_allow_any_origin)

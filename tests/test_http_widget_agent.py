@@ -42,6 +42,41 @@ async def test_guest_flow_is_idempotent_and_private(
     assert (await http.get("/widget/site/messages")).status == 401
 
 
+async def test_the_widget_may_be_called_from_any_website(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    # The widget runs on the customer's website: the browser asks first (a preflight), then
+    # lets the page read an answer only when it carries Access-Control-Allow-Origin.
+    await _widget(pool)
+    origin = {"Origin": "https://shop.example"}
+    for path in ("/widget/site/guests", "/widget/site/messages"):
+        asked = await http.options(
+            path,
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert asked.status == 204, path
+        assert asked.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in asked.headers["Access-Control-Allow-Methods"]
+        allowed = asked.headers["Access-Control-Allow-Headers"].lower()
+        assert "authorization" in allowed and "content-type" in allowed
+    guest = await http.post("/widget/site/guests", json={}, headers=origin)
+    assert guest.status == 201 and guest.headers["Access-Control-Allow-Origin"] == "*"
+    token = {"Authorization": f"Bearer {(await guest.json())['token']}", **origin}
+    body = {"client_message_id": "c1", "text": "hello"}
+    sent = await http.post("/widget/site/messages", json=body, headers=token)
+    assert sent.status == 201 and sent.headers["Access-Control-Allow-Origin"] == "*"
+    # errors too, so the widget can read why
+    refused = await http.get("/widget/site/messages", headers=origin)
+    assert refused.status == 401 and refused.headers["Access-Control-Allow-Origin"] == "*"
+    # the agent API is not for other origins
+    inbox = await http.get("/api/connections/site/inbox", headers=origin)
+    assert inbox.status == 401 and "Access-Control-Allow-Origin" not in inbox.headers
+
+
 async def test_agent_commands_need_the_token_and_honour_if_match(
     http: TestClient[Any, Any], pool: AsyncConnectionPool[Any]
 ) -> None:

@@ -539,6 +539,8 @@ async def _good_requests(world: World, http: TestClient[Any, Any]) -> list[Good]
             body={"client_message_id": "new", "text": "again"},
         ),
         Good("/widget/{connection}/messages", "get", {"connection": "lobby"}, headers=guest),
+        Good("/widget/{connection}/guests", "options", {"connection": "site"}),
+        Good("/widget/{connection}/messages", "options", {"connection": "lobby"}),
         Good(
             "/api/connections/{id}/inbox",
             "get",

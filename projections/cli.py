@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 
 from eventstore import ConvstoreError, open_pool, require_current_schema, resolve_database_url
+from eventstore.errors import DatabaseUnavailable, first_line
 
 from .base import Projection
 from .progress import progress_for
@@ -136,6 +139,11 @@ def _rebuild(args: argparse.Namespace) -> int:
                 progress=progress_for(f"rebuild {projection.name}"),
                 stop=stop,
             )
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise DatabaseUnavailable(
+                f"the rebuild of {projection.name} lost its database connection"
+                f" ({first_line(exc)}); run it again to resume"
+            ) from exc
         finally:
             await pool.close()
         if not result.swapped:
@@ -156,16 +164,22 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
     return value
 
 
@@ -232,5 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvstoreError as exc:
         _err(f"convstore: {exc}")
         return 1
+    except ValueError as exc:
+        # bad values found after argparse (a database URL libpq cannot parse), as convstore
+        _err(f"convstore: {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130

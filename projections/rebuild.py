@@ -38,6 +38,7 @@ from .runner import (
     REBUILD_LOCK,
     Applier,
     CatchUp,
+    VersionMismatch,
     _connect,
     _Failure,
     _sleep,
@@ -92,6 +93,7 @@ class RebuildFailed(ProjectionError):
         self.name = name
         self.event = event
         self.error = failure.error
+        self.attempts = failure.attempts
 
 
 async def events_after(conn: psycopg.AsyncConnection[Any], checkpoint: Checkpoint) -> int:
@@ -246,6 +248,9 @@ async def rebuild(
                 if state is not None and state[1] == projection.version:
                     return RebuildResult(name, projection.version, 0, 0.0, state[0], swapped=True)
             target = Applier(pool, projection, next_schema(name), instance=new_instance_id())
+            # Its batches check that this session still holds the rebuild lock: once it is
+            # gone, a second rebuild may start on the same schema.
+            target.fence = (lock.info.backend_pid, *key)
             try:
                 result = await _rebuild(
                     pool, conn, target, batch_size, progress, stop, lock_timeout, max_attempts
@@ -348,6 +353,8 @@ async def _swap(
                             sql.SQL(", ").join(sql.Identifier(live, t) for t in tables)
                         )
                     )
+                    if CHECKPOINT_TABLE in tables:
+                        await _refuse_downgrade(conn, projection, live)
                 done, _, _ = await _catch_up(conn, catch, asyncio.Event())
                 has_live = await (
                     await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (live,))
@@ -368,12 +375,29 @@ async def _swap(
                         sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
                     )
             return done
-        except pg_errors.LockNotAvailable:
+        except (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected):
+            # A deadlock too: a projector's fold ahead reads the tables in another order.
             log.info("%s: live tables busy; retrying the swap", projection.name)
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
     raise ProjectionError(
         f"could not swap the rebuilt {projection.name!r} in: its tables stayed busy"
     )
+
+
+async def _refuse_downgrade(
+    conn: psycopg.AsyncConnection[Any], projection: Projection, live: str
+) -> None:
+    """Refuse to replace a live model that newer code built with this code's older one."""
+    row = await (
+        await conn.execute(
+            sql.SQL("SELECT version FROM {} WHERE projection = %s").format(
+                sql.Identifier(live, CHECKPOINT_TABLE)
+            ),
+            (projection.name,),
+        )
+    ).fetchone()
+    if row is not None and int(row[0]) > projection.version:
+        raise VersionMismatch(projection.name, live, int(row[0]), projection.version)
 
 
 async def compare_read_models(

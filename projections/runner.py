@@ -72,6 +72,7 @@ __all__ = [
     "BatchFailed",
     "BatchResult",
     "CatchUp",
+    "LeadershipLost",
     "Outcome",
     "ProjectionRunner",
     "VersionMismatch",
@@ -133,13 +134,20 @@ def _ignore_outcome(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+#: SQLSTATE classes of errors that are the server's state, not an event's: connection (08),
+#: a rolled-back transaction such as a deadlock (40), resources such as a full disk (53),
+#: operator intervention (57), system errors (58). Retried with backoff, never charged to an
+#: event: charging one stopped the projection for good over a lock timeout (found in review).
+_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "57", "58"})
+
+
 def _unavailable(exc: BaseException) -> bool:
     """True for errors that are the database's (or the network's), not an event's."""
-    if isinstance(exc, DatabaseUnavailable):
+    if isinstance(exc, DatabaseUnavailable | LeadershipLost):
         return True
     if isinstance(exc, psycopg.OperationalError):
         sqlstate = exc.sqlstate
-        return sqlstate is None or sqlstate[:2] in ("08", "57")
+        return sqlstate is None or sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate == "55P03"
     return isinstance(exc, psycopg.InterfaceError | OSError)
 
 
@@ -162,6 +170,10 @@ class BatchFailed(ProjectionError):
         self.cause = cause
         #: the failing event's index in ``events`` (``None``: some event of the batch)
         self.index = index
+
+
+class LeadershipLost(ProjectionError):
+    """The session holding this instance's leader lock is gone: another instance may lead."""
 
 
 class VersionMismatch(ProjectionError):
@@ -229,15 +241,24 @@ class Applier:
         # its checkpoint, so they are applied again; the model is never torn. It saves a WAL
         # flush per batch. Sequential scans off: see _KEYED_PLANS. Both statements are
         # rendered once (psycopg renders a Composed at every call).
+        # The batch's first statement also reads the model's version (a rebuild may have
+        # swapped in one this code did not build) and, for a leader, whether its lock's session
+        # still holds the lock (else another instance may be leading): the row lock taken here
+        # makes that instance wait for this batch, so the check holds until it commits.
         self._lock_checkpoint = (
             sql.SQL(
-                "SELECT transaction_id, position, tableoid::bigint,"
-                " set_config('synchronous_commit', 'off', true), {seqscan_off}"
+                "SELECT transaction_id, position, tableoid::bigint, version,"
+                " set_config('synchronous_commit', 'off', true), {seqscan_off},"
+                " %s::integer IS NULL OR EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted AND pid = %s AND classid::bigint = %s AND objid::bigint = %s"
+                " AND objsubid = 2)"
                 " FROM {t} WHERE projection = %s FOR UPDATE"
             )
             .format(t=table, seqscan_off=sql.SQL(_SEQSCAN_OFF))
             .as_bytes(None)
         )
+        #: (pid of the session holding the leader lock, the lock's two keys) while leading.
+        self.fence: tuple[int, int, int] | None = None
         self._move_checkpoint = (
             sql.SQL(
                 "UPDATE {t} SET transaction_id = %s, position = %s, events = events + %s,"
@@ -432,11 +453,23 @@ class Applier:
         self._memory = self._memory_key = None
         commits = conn.info.transaction_status == TransactionStatus.IDLE
         async with conn.transaction():
+            pid, key1, key2 = self.fence or (None, None, None)
             row = await (
-                await conn.execute(self._lock_checkpoint, (self.projection.name,))
+                await conn.execute(
+                    self._lock_checkpoint, (pid, pid, key1, key2, self.projection.name)
+                )
             ).fetchone()
             if row is None:
                 raise ProjectionError(f"{self.schema} has no checkpoint for {self.projection}")
+            if row[3] != self.projection.version:
+                raise VersionMismatch(
+                    self.projection.name, self.schema, int(row[3]), self.projection.version
+                )
+            if not row[6]:
+                raise LeadershipLost(
+                    f"{self.projection.name} ({self.schema}): the session holding this"
+                    " instance's lock is gone, so another instance may hold it now"
+                )
             checkpoint = Checkpoint(row[0], row[1])
             table = int(row[2])
             events, prepared, memory_good = await self._prefetched(checkpoint, limit, until, memory)
@@ -748,8 +781,17 @@ class ProjectionRunner:
                 exc,
                 exc_info=not isinstance(exc, ProjectionError),
             )
+            from .rebuild import RebuildFailed
+
             with contextlib.suppress(Exception):
                 async with self.pool.connection() as conn:
+                    if isinstance(exc, RebuildFailed):
+                        # An event stopped the upgrade's rebuild: the projection is failed on
+                        # it, as when the live model stops on one (status and alerts say so).
+                        await record_failure(
+                            conn, self.projection.name, exc.event, exc.error, exc.attempts
+                        )
+                        return "failed"
                     await conn.execute(
                         "INSERT INTO projection_status AS s (name, state, last_error,"
                         " last_error_at) VALUES (%s, 'stopped', %s, now())"
@@ -788,6 +830,7 @@ class ProjectionRunner:
                 delay = min(delay * 2, 10.0)
             finally:
                 self.is_leader = False
+                self.applier.fence = None
                 if lock is not None:
                     # Ending the session releases the advisory lock for a standby.
                     with contextlib.suppress(Exception):
@@ -809,6 +852,7 @@ class ProjectionRunner:
                     )
                 )
                 self.is_leader = True
+                self.applier.fence = (lock.info.backend_pid, *key)
                 log.info("%s: leading as %s", self.projection.name, self.instance)
                 return True
             if once:
@@ -852,6 +896,10 @@ class ProjectionRunner:
             )
             loop = asyncio.get_running_loop()
             checked = loop.time()
+            # Once: everything committed before now. A batch can come back short before it,
+            # while a transaction elsewhere holds the fence back.
+            head = await log_head(conn) if once else None
+            waited = loop.time()
             while not stop.is_set():
                 result = await catch.step(conn)
                 if isinstance(result, _Failure):
@@ -867,7 +915,18 @@ class ProjectionRunner:
                 if not result.caught_up:
                     continue
                 if once:
-                    break
+                    if head is None or result.checkpoint >= head:
+                        break
+                    if loop.time() - waited > 5.0:
+                        log.info(
+                            "%s: waiting for transactions that hold the log back (at %s of %s)",
+                            self.projection.name,
+                            result.checkpoint,
+                            head,
+                        )
+                        waited = loop.time()
+                    await _sleep(stop, None, min(self.poll_interval, 0.1))
+                    continue
                 if loop.time() - checked > 5.0:
                     # The lock's session must still be alive, else another instance may lead.
                     await lock.execute("SELECT 1")
@@ -903,8 +962,14 @@ class ProjectionRunner:
         log.warning("%s", mismatch)
         from .rebuild import rebuild
 
+        # if_outdated: when another instance's rebuild ran meanwhile, it is not done again.
         result = await rebuild(
-            self.pool, self.projection, batch_size=self.batch_size, stop=stop, wait=True
+            self.pool,
+            self.projection,
+            batch_size=self.batch_size,
+            stop=stop,
+            wait=True,
+            if_outdated=True,
         )
         return result.swapped
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from eventstore import Checkpoint, EventStore, open_pool
+from eventstore import Checkpoint, EventStore, NewEvent, open_pool, uuid7
 from projections import (
     PROJECTIONS,
     InboxQueries,
@@ -27,7 +27,7 @@ from projections import (
     run_projections,
 )
 from projections.progress import LineProgress, TerminalProgress, progress_for
-from projections.runner import REBUILD_LOCK, advisory_key, log_head
+from projections.runner import REBUILD_LOCK, VersionMismatch, advisory_key, log_head
 from projections.synthetic import append_all, copy_into_log, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +161,36 @@ async def test_an_older_version_is_rebuilt_and_a_newer_one_refused(
     assert status.version == 99
 
 
+async def test_a_rebuild_never_swaps_in_an_older_version(pool: AsyncConnectionPool[Any]) -> None:
+    # Old code's rebuild (an operator running the previous release) would put the newer
+    # release's model back a version, under projectors of the newer release.
+    await load(pool, 1000, seed=8)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE rm_inbox.checkpoint SET version = version + 1")
+    with pytest.raises(VersionMismatch, match="upgrade convstore"):
+        await rebuild(pool, INBOX)
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.version == INBOX.version + 1 and status.rebuilt_at is None
+
+
+async def test_an_upgrade_that_stops_on_an_event_shows_as_failed(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    await load(pool, 500, seed=9)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    poison = NewEvent(uuid7(), "MessageReceived", b'{"conversation_id": "not a uuid"}', {})
+    await EventStore(pool).append("conversation-poison", [poison])
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE rm_inbox.checkpoint SET version = version - 1")
+    # The projector rebuilds the older model on start, and the rebuild stops on that event.
+    outcome = await run_projections(pool, [INBOX], once=True, max_attempts=1, retry_delay=0.01)
+    assert outcome == {"inbox": "failed"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.state == "failed" and status.failed_event_id == poison.event_id
+    assert status.version == INBOX.version - 1  # the live model was left as it was
+
+
 async def test_an_interrupted_rebuild_resumes(pool: AsyncConnectionPool[Any]) -> None:
     await load(pool, 4000, seed=4)
     assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
@@ -255,3 +285,29 @@ async def test_the_command_line(database_url: str, pool: AsyncConnectionPool[Any
 
     unknown = convstore(database_url, "projections", "rebuild", "outbox")
     assert unknown.returncode == 1 and "no projection named 'outbox'" in unknown.stderr
+    for option, value in (
+        ("--batch-size", "abc"),
+        ("--poll-interval", "nan"),
+        ("--standby-interval", "inf"),
+        ("--poll-interval", "-1"),
+    ):
+        refused = convstore(database_url, "project", "--once", option, value)
+        assert refused.returncode == 2 and f"argument {option}: must be" in refused.stderr
+        assert "Traceback" not in refused.stderr and "_positive" not in refused.stderr
+    alone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "projections",
+            "--database-url",
+            "not a url",
+            "projections",
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=WAIT,
+    )
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "not a PostgreSQL URL" in alone.stderr

@@ -51,7 +51,16 @@ from projections import (
     projection_status,
     run_projections,
 )
-from projections.runner import PROJECTOR_GC_THRESHOLD, collecting_less_often, log_head
+from projections.runner import (
+    LEADER_LOCK,
+    PROJECTOR_GC_THRESHOLD,
+    Applier,
+    LeadershipLost,
+    VersionMismatch,
+    advisory_key,
+    collecting_less_often,
+    log_head,
+)
 from projections.synthetic import append_all, copy_into_log, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -500,3 +509,112 @@ def test_the_projector_collects_young_objects_less_often_and_restores_the_settin
         assert gc.get_threshold()[0] == PROJECTOR_GC_THRESHOLD
         raise RuntimeError("the setting is restored on the way out")
     assert gc.get_threshold() == before
+
+
+# --------------------------------------------------------------------------- fences
+
+
+async def test_a_batch_needs_its_leader_lock_and_the_model_version_of_its_code(
+    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    # A leader whose lock session died must not go on applying beside the next leader, and
+    # old code must not write into a model that a newer version's rebuild swapped in.
+    await append_all(store, list(traffic(300, seed=5)))
+    applier = Applier(pool, INBOX, "rm_fenced", prefetch=False)
+    key = advisory_key(LEADER_LOCK, "inbox")
+
+    async def checkpoint() -> Checkpoint:
+        async with pool.connection() as conn:
+            state = await applier.state(conn)
+        assert state is not None
+        return state[0]
+
+    try:
+        async with pool.connection() as conn:
+            await applier.create(conn)
+        start = await checkpoint()
+        with psycopg.connect(database_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s, %s)", key)
+            with psycopg.connect(database_url, autocommit=True) as bystander:
+                applier.fence = (bystander.info.backend_pid, *key)  # not the lock's session
+                async with pool.connection() as conn:
+                    with pytest.raises(LeadershipLost):
+                        await applier.apply_batch(conn, 100)
+            assert await checkpoint() == start
+            applier.fence = (holder.info.backend_pid, *key)
+            async with pool.connection() as conn:
+                moved = await applier.apply_batch(conn, 100)
+            assert moved.events == 100 and await checkpoint() == moved.checkpoint
+            async with pool.connection() as conn:
+                await conn.execute("UPDATE rm_fenced.checkpoint SET version = version + 1")
+                with pytest.raises(VersionMismatch):
+                    await applier.apply_batch(conn, 100)
+            assert await checkpoint() == moved.checkpoint
+    finally:
+        await applier.close()
+
+
+async def test_once_waits_for_a_transaction_that_holds_the_log_back(
+    database_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    store = EventStore(pool, CODEC)
+    items = list(traffic(200, seed=6))
+    await append_all(store, items[:100])
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as open_tx:
+        async with open_tx.transaction():
+            # A write left open: the events committed after it wait behind the fence.
+            await open_tx.execute("SELECT pg_current_xact_id()")
+            await append_all(store, items[100:])
+            async with pool.connection() as conn:
+                head = await log_head(conn)
+            task = asyncio.create_task(run_projections(pool, [INBOX], once=True))
+            await asyncio.sleep(1.0)
+            assert not task.done(), "'caught up' while committed events were held back"
+        async with asyncio.timeout(WAIT):
+            assert await task == {"inbox": "caught-up"}
+    state = await live_checkpoint(pool)
+    assert head is not None and state is not None and state[0] >= head
+    await store.close()
+
+
+async def test_a_lock_timeout_is_waited_out_not_blamed_on_an_event(
+    database_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    # A policy of short lock timeouts, and an operator's lock on a read-model table (as a
+    # CREATE INDEX takes): the projector must wait, not stop on the event it was applying.
+    store = EventStore(pool, CODEC)
+    items = list(traffic(400, seed=7))
+    await append_all(store, items[:200])
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} SET lock_timeout = '200ms'").format(
+                sql.Identifier(admin.info.dbname)
+            )
+        )
+    own = await open_pool(database_url, max_size=4)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_projections(own, [INBOX], stop=stop, poll_interval=0.05, max_attempts=1)
+    )
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as op:
+            async with op.transaction():
+                await op.execute("LOCK TABLE rm_inbox.messages IN SHARE MODE")
+                await append_all(store, items[200:])
+                await asyncio.sleep(1.5)
+        async with asyncio.timeout(WAIT):
+            await reached_head(pool)
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            assert await task == {"inbox": "stopped"}
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await own.close()
+        await store.close()
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.failed_event_id is None
+    await assert_equals_fresh_build(pool)

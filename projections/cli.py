@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from eventstore.errors import DatabaseUnavailable, first_line
 from .base import Projection
 from .progress import progress_for
 from .rebuild import rebuild
-from .registry import PROJECTIONS, get_projection
+from .registry import PROJECTIONS, REPORTED, get_projection
 from .runner import collecting_less_often, run_projections
 from .status import format_status, projection_status
 
@@ -49,10 +49,12 @@ def _url(args: argparse.Namespace) -> str:
     return url
 
 
-def _selected(names: Sequence[str] | None) -> list[Projection]:
+def _selected(
+    names: Sequence[str] | None, among: Mapping[str, Projection] = PROJECTIONS
+) -> list[Projection]:
     if not names:
-        return list(PROJECTIONS.values())
-    return [get_projection(name) for name in dict.fromkeys(names)]
+        return list(among.values())
+    return [get_projection(name, among) for name in dict.fromkeys(names)]
 
 
 def _log_to_stderr() -> None:
@@ -107,7 +109,7 @@ def _project(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     url = _url(args)
-    projections = _selected(args.projection)
+    projections = _selected(args.projection, REPORTED)
 
     async def work() -> int:
         pool = await open_pool(url, min_size=1, max_size=2)

@@ -699,12 +699,35 @@ class Waker:
                 await _sleep(stop, None, 1.0)
 
 
+#: Server-side probes of a lock-holding session's client (seconds; the timeout in ms).
+_KEEPALIVE_OPTIONS: Final = (
+    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+    " -c tcp_user_timeout=30000"
+)
+#: libpq's probes of the server, on the same connections.
+_CLIENT_KEEPALIVES: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
+
+
 async def _connect(
     pool: AsyncConnectionPool[Any], application_name: str
 ) -> psycopg.AsyncConnection[Any]:
-    """A connection of its own (not from the pool), with the pool's settings."""
+    """A connection of its own (not from the pool), with the pool's settings.
+
+    These connections hold locks (a leader's, a rebuild's) that a standby waits for, so a
+    vanished peer is noticed in about half a minute rather than the systems' default two
+    hours: the server probes and drops a silent client (which releases its locks), and libpq
+    probes the server. Over a Unix socket there is no peer host to lose, and both are unused.
+    """
     kwargs = dict(cast(dict[str, Any], pool.kwargs))
     kwargs["application_name"] = application_name
+    kwargs["options"] = (kwargs.get("options", "") + " " + _KEEPALIVE_OPTIONS).strip()
+    kwargs.update(_CLIENT_KEEPALIVES)
     try:
         return await psycopg.AsyncConnection.connect(cast(str, pool.conninfo), **kwargs)
     except psycopg.OperationalError as exc:

@@ -259,6 +259,12 @@ async def test_the_command_line(database_url: str, pool: AsyncConnectionPool[Any
     status = convstore(database_url, "projections", "status")
     assert status.returncode == 0, status.stderr
     assert f"inbox (code version {INBOX.version})" in status.stdout and "not built" in status.stdout
+    # The reply delivery daemon's projection runs elsewhere (convstore deliver), yet is
+    # reported here too.
+    delivery = convstore(database_url, "projections", "status", "--projection", "delivery")
+    assert delivery.returncode == 0, delivery.stderr
+    assert delivery.stdout.startswith("delivery (code version ")
+    assert "delivery (code version " in status.stdout
 
     once = convstore(database_url, "project", "--once")
     assert once.returncode == 0, once.stderr

@@ -61,6 +61,7 @@ from projections.runner import (
     collecting_less_often,
     log_head,
 )
+from projections.runner import _connect as connect_own
 from projections.synthetic import append_all, copy_into_log, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -618,3 +619,23 @@ async def test_a_lock_timeout_is_waited_out_not_blamed_on_an_event(
     (status,) = await projection_status(pool, [INBOX])
     assert status.failed_event_id is None
     await assert_equals_fresh_build(pool)
+
+
+async def test_lock_sessions_notice_a_vanished_peer_within_a_minute(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    # A leader's host that vanishes must release the lock long before the systems' default
+    # two hours of TCP silence; over a Unix socket there is no host to lose.
+    conn = await connect_own(pool, "convstore keepalive test")
+    try:
+        row = await (
+            await conn.execute(
+                "SELECT current_setting('tcp_keepalives_idle'),"
+                " current_setting('tcp_user_timeout'), inet_client_addr() IS NULL"
+            )
+        ).fetchone()
+    finally:
+        await conn.close()
+    assert row is not None
+    idle, user_timeout, unix_socket = row
+    assert (idle, user_timeout) == (("0", "0") if unix_socket else ("10", "30000"))

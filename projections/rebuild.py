@@ -8,13 +8,19 @@ ones, never a mix; a live projector blocked by the swap resumes on the new table
 own checkpoint, which is at least as far as the old one (the swap catches up under the lock).
 
 An interrupted rebuild is resumed by the next one (the next schema keeps its checkpoint).
+
+What others built on the live model is carried over to the new one in the same transaction:
+the privileges granted on the schema and on its tables, and the views (plain or materialized,
+in any schema, and views on those) that read its tables, recreated with their definitions,
+options, owners, privileges and (materialized) indexes. Dropping the old schema would
+otherwise drop them silently. Their comments, rules and triggers are not carried over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final
+from typing import Any, Final, LiteralString, cast
 
 import msgspec
 import psycopg
@@ -359,6 +365,7 @@ async def _swap(
                 has_live = await (
                     await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (live,))
                 ).fetchone()
+                carried = await _Carried.read(conn, live) if has_live and has_live[0] else None
                 if has_live and has_live[0]:
                     await conn.execute(
                         sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
@@ -374,6 +381,8 @@ async def _swap(
                     await conn.execute(
                         sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
                     )
+                if carried is not None:
+                    await carried.restore(conn)
             return done
         except (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected):
             # A deadlock too: a projector's fold ahead reads the tables in another order.
@@ -381,6 +390,116 @@ async def _swap(
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
     raise ProjectionError(
         f"could not swap the rebuilt {projection.name!r} in: its tables stayed busy"
+    )
+
+
+# Privileges as (object kind, schema, name, grantee, privilege, grantable), from aclexplode;
+# the grantee '' is PUBLIC.
+_GRANTS: Final = """
+SELECT 'SCHEMA', n.nspname, NULL,
+       CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END,
+       a.privilege_type, a.is_grantable
+FROM pg_namespace n, aclexplode(n.nspacl) a
+WHERE n.nspname = %(live)s AND a.grantee <> n.nspowner
+UNION ALL
+SELECT 'TABLE', n.nspname, c.relname,
+       CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END,
+       a.privilege_type, a.is_grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
+WHERE n.nspname = %(live)s AND c.relkind IN ('r', 'p') AND a.grantee <> c.relowner
+"""
+
+# The views outside the schema that read its tables, and the views that read those, oldest
+# first (a view is created after what it reads).
+_DEPENDENT_VIEWS: Final = """
+WITH RECURSIVE inside AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(live)s
+), views(oid) AS (
+    SELECT r.ev_class FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid IN (SELECT oid FROM inside) AND r.ev_class NOT IN (SELECT oid FROM inside)
+  UNION
+    SELECT r.ev_class FROM views v
+    JOIN pg_depend d ON d.refobjid = v.oid AND d.refclassid = 'pg_class'::regclass
+                    AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE r.ev_class <> v.oid
+)
+SELECT c.oid, n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid),
+       pg_get_userbyid(c.relowner), c.reloptions,
+       ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text
+                          END, a.privilege_type, a.is_grantable::text]
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
+       ARRAY(SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = c.oid
+             ORDER BY i.indexrelid)
+FROM views v JOIN pg_class c ON c.oid = v.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+ORDER BY c.oid
+"""
+
+
+class _Carried:
+    """What others built on the live model, read before the swap and restored after it."""
+
+    def __init__(self, grants: list[tuple[Any, ...]], views: list[tuple[Any, ...]]) -> None:
+        self.grants = grants
+        self.views = views
+
+    @classmethod
+    async def read(cls, conn: psycopg.AsyncConnection[Any], live: str) -> _Carried:
+        grants = await (await conn.execute(_GRANTS, {"live": live})).fetchall()
+        views = await (await conn.execute(_DEPENDENT_VIEWS, {"live": live})).fetchall()
+        return cls(grants, views)
+
+    async def restore(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        for kind, schema, name, grantee, privilege, grantable in self.grants:
+            target = sql.Identifier(schema) if kind == "SCHEMA" else sql.Identifier(schema, name)
+            await _grant(conn, sql.SQL(kind), target, grantee, privilege, grantable)
+        for _, schema, name, relkind, definition, owner, options, acl, indexes in self.views:
+            view = sql.Identifier(schema, name)
+            kind = sql.SQL("MATERIALIZED VIEW" if relkind == "m" else "VIEW")
+            with_options = (
+                sql.SQL(" WITH ({})").format(sql.SQL(", ").join(map(sql.SQL, options)))
+                if options
+                else sql.SQL("")
+            )
+            # The definition is PostgreSQL's own rendering of the view's query (catalog text,
+            # not a value), so it goes into the statement as SQL.
+            query = sql.SQL(cast(LiteralString, definition.rstrip().rstrip(";")))
+            await conn.execute(
+                sql.SQL("CREATE {kind} {view}{options} AS {query}").format(
+                    kind=kind, view=view, options=with_options, query=query
+                )
+            )
+            await conn.execute(
+                sql.SQL("ALTER {kind} {view} OWNER TO {owner}").format(
+                    kind=kind, view=view, owner=sql.Identifier(owner)
+                )
+            )
+            for grantee, privilege, grantable in acl:
+                await _grant(conn, sql.SQL("TABLE"), view, grantee, privilege, grantable == "true")
+            for index in indexes:  # a materialized view's: its own CREATE INDEX statements
+                await conn.execute(sql.SQL(cast(LiteralString, index)))
+            log.info("carried view %s.%s over to the rebuilt model", schema, name)
+
+
+async def _grant(
+    conn: psycopg.AsyncConnection[Any],
+    kind: sql.SQL,
+    target: sql.Composable,
+    grantee: str,
+    privilege: str,
+    grantable: bool,
+) -> None:
+    role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+    await conn.execute(
+        sql.SQL("GRANT {privilege} ON {kind} {target} TO {role}{option}").format(
+            privilege=sql.SQL(privilege),
+            kind=kind,
+            target=target,
+            role=role,
+            option=sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+        )
     )
 
 

@@ -8,10 +8,11 @@ import io
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString, cast
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from eventstore import Checkpoint, EventStore, NewEvent, open_pool, uuid7
@@ -189,6 +190,61 @@ async def test_an_upgrade_that_stops_on_an_event_shows_as_failed(
     (status,) = await projection_status(pool, [INBOX])
     assert status.state == "failed" and status.failed_event_id == poison.event_id
     assert status.version == INBOX.version - 1  # the live model was left as it was
+
+
+async def test_views_and_privileges_on_the_live_model_survive_a_rebuild(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    # Analysts build views on the read model and operators grant them access; a rebuild
+    # replaces the tables, and dropping the old ones used to drop those views silently.
+    await load(pool, 1000, seed=10)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    analyst = f"convstore_test_analyst_{uuid7().hex[-12:]}"
+    role = sql.Identifier(analyst)
+    async with pool.connection() as conn:
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
+    try:
+        async with pool.connection() as conn:
+            for statement in (
+                "CREATE SCHEMA analytics",
+                "CREATE VIEW analytics.per_connection WITH (security_barrier) AS"
+                " SELECT connection, count(*) AS n FROM rm_inbox.conversations GROUP BY 1",
+                "CREATE VIEW analytics.busiest AS"
+                " SELECT connection FROM analytics.per_connection ORDER BY n DESC LIMIT 1",
+                "CREATE MATERIALIZED VIEW analytics.ids AS"
+                " SELECT conversation_id FROM rm_inbox.conversations",
+                "CREATE INDEX ids_idx ON analytics.ids (conversation_id)",
+            ):
+                await conn.execute(cast(LiteralString, statement))
+            for grant in (
+                "GRANT USAGE ON SCHEMA rm_inbox TO {}",
+                "GRANT SELECT ON rm_inbox.conversations TO {}",
+                "GRANT SELECT ON analytics.busiest TO {}",
+            ):
+                await conn.execute(sql.SQL(cast(LiteralString, grant)).format(role))
+        result = await rebuild(pool, INBOX)
+        assert result.swapped
+        async with pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT to_regclass('analytics.busiest') IS NOT NULL,"
+                    " (SELECT reloptions FROM pg_class"
+                    "  WHERE oid = to_regclass('analytics.per_connection')),"
+                    " to_regclass('analytics.ids_idx') IS NOT NULL,"
+                    " (SELECT count(*) FROM analytics.ids)"
+                    "  = (SELECT count(*) FROM rm_inbox.conversations),"
+                    " has_schema_privilege(%(r)s, 'rm_inbox', 'USAGE'),"
+                    " has_table_privilege(%(r)s, 'rm_inbox.conversations', 'SELECT'),"
+                    " has_table_privilege(%(r)s, 'rm_inbox.messages', 'SELECT'),"
+                    " has_table_privilege(%(r)s, 'analytics.busiest', 'SELECT')",
+                    {"r": analyst},
+                )
+            ).fetchone()
+        assert row == (True, ["security_barrier=true"], True, True, True, True, False, True)
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
+            await conn.execute(sql.SQL("DROP ROLE {}").format(role))
 
 
 async def test_an_interrupted_rebuild_resumes(pool: AsyncConnectionPool[Any]) -> None:

@@ -9,18 +9,18 @@ own checkpoint, which is at least as far as the old one (the swap catches up und
 
 An interrupted rebuild is resumed by the next one (the next schema keeps its checkpoint).
 
-What others built on the live model is carried over to the new one in the same transaction:
-the privileges granted on the schema and on its tables, and the views (plain or materialized,
-in any schema, and views on those) that read its tables, recreated with their definitions,
-options, owners, privileges and (materialized) indexes. Dropping the old schema would
-otherwise drop them silently. Their comments, rules and triggers are not carried over.
+The privileges granted on the live schema and its tables are granted again on the new ones in
+the swap's transaction. A view in another schema that reads the live tables stops the swap
+with an error naming it, before anything changes: dropping the old tables would drop it too
+(and recreating it would mean running SQL text read from the catalog). Drop such views before
+a rebuild and create them again after it; the next rebuild resumes where this one stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final, LiteralString, cast
+from typing import Any, Final
 
 import msgspec
 import psycopg
@@ -365,7 +365,10 @@ async def _swap(
                 has_live = await (
                     await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (live,))
                 ).fetchone()
-                carried = await _Carried.read(conn, live) if has_live and has_live[0] else None
+                grants: list[tuple[Any, ...]] = []
+                if has_live and has_live[0]:
+                    await _refuse_dependent_views(conn, projection, live)
+                    grants = await (await conn.execute(_GRANTS, {"live": live})).fetchall()
                 if has_live and has_live[0]:
                     await conn.execute(
                         sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
@@ -381,8 +384,8 @@ async def _swap(
                     await conn.execute(
                         sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
                     )
-                if carried is not None:
-                    await carried.restore(conn)
+                for kind, schema, table, grantee, privilege, grantable in grants:
+                    await _grant(conn, kind, schema, table, grantee, privilege, grantable)
             return done
         except (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected):
             # A deadlock too: a projector's fold ahead reads the tables in another order.
@@ -409,95 +412,73 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.rela
 WHERE n.nspname = %(live)s AND c.relkind IN ('r', 'p') AND a.grantee <> c.relowner
 """
 
-# The views outside the schema that read its tables, and the views that read those, oldest
-# first (a view is created after what it reads).
+# The views outside the schema that read its tables (dropping the tables would drop them).
 _DEPENDENT_VIEWS: Final = """
-WITH RECURSIVE inside AS (
-    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = %(live)s
-), views(oid) AS (
-    SELECT r.ev_class FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
-    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-      AND d.refobjid IN (SELECT oid FROM inside) AND r.ev_class NOT IN (SELECT oid FROM inside)
-  UNION
-    SELECT r.ev_class FROM views v
-    JOIN pg_depend d ON d.refobjid = v.oid AND d.refclassid = 'pg_class'::regclass
-                    AND d.classid = 'pg_rewrite'::regclass
-    JOIN pg_rewrite r ON r.oid = d.objid
-    WHERE r.ev_class <> v.oid
-)
-SELECT c.oid, n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid),
-       pg_get_userbyid(c.relowner), c.reloptions,
-       ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text
-                          END, a.privilege_type, a.is_grantable::text]
-             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
-       ARRAY(SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = c.oid
-             ORDER BY i.indexrelid)
-FROM views v JOIN pg_class c ON c.oid = v.oid JOIN pg_namespace n ON n.oid = c.relnamespace
-ORDER BY c.oid
+SELECT DISTINCT format('%%I.%%I', n.nspname, v.relname)
+FROM pg_depend d
+JOIN pg_rewrite r ON r.oid = d.objid
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_namespace n ON n.oid = v.relnamespace
+WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND d.refobjid IN (SELECT c.oid FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+                     WHERE s.nspname = %(live)s)
+  AND n.nspname <> %(live)s
+ORDER BY 1
 """
 
+#: The privileges a grant may carry, as fixed SQL (aclexplode names them so).
+_PRIVILEGES: Final = {
+    name: sql.SQL(name)
+    for name in (
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "TRUNCATE",
+        "REFERENCES",
+        "TRIGGER",
+        "MAINTAIN",
+        "USAGE",
+        "CREATE",
+    )
+}
 
-class _Carried:
-    """What others built on the live model, read before the swap and restored after it."""
 
-    def __init__(self, grants: list[tuple[Any, ...]], views: list[tuple[Any, ...]]) -> None:
-        self.grants = grants
-        self.views = views
-
-    @classmethod
-    async def read(cls, conn: psycopg.AsyncConnection[Any], live: str) -> _Carried:
-        grants = await (await conn.execute(_GRANTS, {"live": live})).fetchall()
-        views = await (await conn.execute(_DEPENDENT_VIEWS, {"live": live})).fetchall()
-        return cls(grants, views)
-
-    async def restore(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        for kind, schema, name, grantee, privilege, grantable in self.grants:
-            target = sql.Identifier(schema) if kind == "SCHEMA" else sql.Identifier(schema, name)
-            await _grant(conn, sql.SQL(kind), target, grantee, privilege, grantable)
-        for _, schema, name, relkind, definition, owner, options, acl, indexes in self.views:
-            view = sql.Identifier(schema, name)
-            kind = sql.SQL("MATERIALIZED VIEW" if relkind == "m" else "VIEW")
-            with_options = (
-                sql.SQL(" WITH ({})").format(sql.SQL(", ").join(map(sql.SQL, options)))
-                if options
-                else sql.SQL("")
-            )
-            # The definition is PostgreSQL's own rendering of the view's query (catalog text,
-            # not a value), so it goes into the statement as SQL.
-            query = sql.SQL(cast(LiteralString, definition.rstrip().rstrip(";")))
-            await conn.execute(
-                sql.SQL("CREATE {kind} {view}{options} AS {query}").format(
-                    kind=kind, view=view, options=with_options, query=query
-                )
-            )
-            await conn.execute(
-                sql.SQL("ALTER {kind} {view} OWNER TO {owner}").format(
-                    kind=kind, view=view, owner=sql.Identifier(owner)
-                )
-            )
-            for grantee, privilege, grantable in acl:
-                await _grant(conn, sql.SQL("TABLE"), view, grantee, privilege, grantable == "true")
-            for index in indexes:  # a materialized view's: its own CREATE INDEX statements
-                await conn.execute(sql.SQL(cast(LiteralString, index)))
-            log.info("carried view %s.%s over to the rebuilt model", schema, name)
+async def _refuse_dependent_views(
+    conn: psycopg.AsyncConnection[Any], projection: Projection, live: str
+) -> None:
+    rows = await (await conn.execute(_DEPENDENT_VIEWS, {"live": live})).fetchall()
+    if rows:
+        views = ", ".join(row[0] for row in rows)
+        raise ProjectionError(
+            f"cannot swap the rebuilt {projection.name!r} in: {views} read the tables of {live}"
+            " and would be dropped with them; drop them, run the rebuild again (it resumes),"
+            " then create them again"
+        )
 
 
 async def _grant(
     conn: psycopg.AsyncConnection[Any],
-    kind: sql.SQL,
-    target: sql.Composable,
+    kind: str,
+    schema: str,
+    table: str | None,
     grantee: str,
     privilege: str,
     grantable: bool,
 ) -> None:
-    role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+    """Grant again on the new schema or table what was granted on the old one."""
+    fixed = _PRIVILEGES.get(privilege)
+    if fixed is None:
+        log.warning(
+            "%s: privilege %s of %s not granted again (unknown)", schema, privilege, grantee
+        )
+        return
     await conn.execute(
         sql.SQL("GRANT {privilege} ON {kind} {target} TO {role}{option}").format(
-            privilege=sql.SQL(privilege),
-            kind=kind,
-            target=target,
-            role=role,
+            privilege=fixed,
+            kind=sql.SQL("SCHEMA") if kind == "SCHEMA" else sql.SQL("TABLE"),
+            target=sql.Identifier(schema) if table is None else sql.Identifier(schema, table),
+            role=sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
             option=sql.SQL(" WITH GRANT OPTION" if grantable else ""),
         )
     )

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -465,9 +465,11 @@ async def test_the_failing_event_is_found_inside_its_batch(
     assert state is not None and state[1] == 5
 
 
-async def test_a_lost_connection_is_waited_out_not_blamed_on_an_event(
-    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore
+async def assert_waited_out(
+    database_url: str, pool: AsyncConnectionPool[Any], disturb: Callable[[], Awaitable[None]]
 ) -> None:
+    """A live projector (one attempt per event) runs through ``disturb()``, then stops: it
+    must have waited the trouble out, charged no event with it, and built the exact model."""
     stop = asyncio.Event()
     own = await open_pool(database_url, max_size=4, settings={"application_name": "under-test"})
     task = asyncio.create_task(
@@ -475,17 +477,7 @@ async def test_a_lost_connection_is_waited_out_not_blamed_on_an_event(
     )
     try:
         async with asyncio.timeout(WAIT):
-            await append_all(store, list(traffic(500, seed=1)))
-            await reached_head(pool)
-            # Cut every session of the projector (its lock, its batches, its listener).
-            with psycopg.connect(database_url, autocommit=True) as admin:
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database()"
-                    " AND (application_name = 'under-test'"
-                    "      OR application_name LIKE 'convstore projector%%')"
-                )
-            await append_all(store, list(traffic(500, seed=2)))
+            await disturb()
             await reached_head(pool)
         stop.set()
         async with asyncio.timeout(WAIT):
@@ -499,6 +491,25 @@ async def test_a_lost_connection_is_waited_out_not_blamed_on_an_event(
     (status,) = await projection_status(pool, [INBOX])
     assert status.failed_event_id is None
     await assert_equals_fresh_build(pool)
+
+
+async def test_a_lost_connection_is_waited_out_not_blamed_on_an_event(
+    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    async def cut_every_session() -> None:
+        await append_all(store, list(traffic(500, seed=1)))
+        await reached_head(pool)
+        # Cut every session of the projector (its lock, its batches, its listener).
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+                " AND (application_name = 'under-test'"
+                "      OR application_name LIKE 'convstore projector%%')"
+            )
+        await append_all(store, list(traffic(500, seed=2)))
+
+    await assert_waited_out(database_url, pool, cut_every_session)
 
 
 def test_the_projector_collects_young_objects_less_often_and_restores_the_setting() -> None:
@@ -579,11 +590,10 @@ async def test_once_waits_for_a_transaction_that_holds_the_log_back(
 
 
 async def test_a_lock_timeout_is_waited_out_not_blamed_on_an_event(
-    database_url: str, pool: AsyncConnectionPool[Any]
+    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore
 ) -> None:
     # A policy of short lock timeouts, and an operator's lock on a read-model table (as a
     # CREATE INDEX takes): the projector must wait, not stop on the event it was applying.
-    store = EventStore(pool, CODEC)
     items = list(traffic(400, seed=7))
     await append_all(store, items[:200])
     assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
@@ -593,32 +603,15 @@ async def test_a_lock_timeout_is_waited_out_not_blamed_on_an_event(
                 sql.Identifier(admin.info.dbname)
             )
         )
-    own = await open_pool(database_url, max_size=4)
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_projections(own, [INBOX], stop=stop, poll_interval=0.05, max_attempts=1)
-    )
-    try:
+
+    async def lock_a_table() -> None:
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as op:
             async with op.transaction():
                 await op.execute("LOCK TABLE rm_inbox.messages IN SHARE MODE")
                 await append_all(store, items[200:])
                 await asyncio.sleep(1.5)
-        async with asyncio.timeout(WAIT):
-            await reached_head(pool)
-        stop.set()
-        async with asyncio.timeout(WAIT):
-            assert await task == {"inbox": "stopped"}
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await own.close()
-        await store.close()
-    (status,) = await projection_status(pool, [INBOX])
-    assert status.failed_event_id is None
-    await assert_equals_fresh_build(pool)
+
+    await assert_waited_out(database_url, pool, lock_a_table)
 
 
 async def test_lock_sessions_notice_a_vanished_peer_within_a_minute(

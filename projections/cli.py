@@ -23,7 +23,7 @@ import psycopg
 from eventstore import ConvstoreError, open_pool, require_current_schema, resolve_database_url
 from eventstore.errors import DatabaseUnavailable, first_line
 
-from .base import Projection
+from .base import Projection, ProjectionError
 from .progress import progress_for
 from .rebuild import rebuild
 from .registry import PROJECTIONS, REPORTED, get_projection
@@ -80,11 +80,21 @@ async def _with_stop(work: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 
 def _project(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.once:
+        raise ValueError("--timeout goes with --once")
     _log_to_stderr()
     url = _url(args)
     projections = _selected(args.projection)
 
     async def work(stop: asyncio.Event) -> int:
+        timed_out = asyncio.Event()
+        if args.timeout is not None:
+            # --once waits for transactions that hold the log back; a job may not wait long.
+            def give_up() -> None:
+                timed_out.set()
+                stop.set()
+
+            asyncio.get_running_loop().call_later(args.timeout, give_up)
         # Per projection: its batch connection and its read-ahead; plus the status writes.
         pool = await open_pool(url, min_size=1, max_size=2 * len(projections) + 2)
         try:
@@ -101,7 +111,15 @@ def _project(args: argparse.Namespace) -> int:
             await pool.close()
         for name, outcome in outcomes.items():
             logging.getLogger("convstore.projections").info("%s: %s", name, outcome)
-        return 1 if "failed" in outcomes.values() else 0
+        if "failed" in outcomes.values():
+            return 1
+        if timed_out.is_set() and "stopped" in outcomes.values():
+            _err(
+                f"convstore: not caught up within {args.timeout:g}s: transactions still open on"
+                " the server hold the log back (see pg_stat_activity)"
+            )
+            return 3
+        return 0
 
     with collecting_less_often():
         return asyncio.run(_with_stop(work))
@@ -145,6 +163,13 @@ def _rebuild(args: argparse.Namespace) -> int:
             raise DatabaseUnavailable(
                 f"the rebuild of {projection.name} lost its database connection"
                 f" ({first_line(exc)}); run it again to resume"
+            ) from exc
+        except psycopg.Error as exc:
+            # Whatever else PostgreSQL refused (a swap's GRANT or ALTER ... OWNER without the
+            # privilege, say): the live model is as it was, and the next rebuild resumes.
+            raise ProjectionError(
+                f"the rebuild of {projection.name} failed ({first_line(exc)}); the live model"
+                " is unchanged, and the next rebuild resumes"
             ) from exc
         finally:
             await pool.close()
@@ -203,6 +228,13 @@ def register(commands: Any) -> None:
         help=f"run only this projection (repeatable; known: {', '.join(PROJECTIONS)})",
     )
     project.add_argument("--batch-size", type=_positive, default=1000, help="events per batch")
+    project.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --once: give up (exit 3) if not caught up by then, which happens while"
+        " transactions elsewhere on the server hold the log back",
+    )
     project.add_argument(
         "--poll-interval",
         type=_seconds,

@@ -9,11 +9,12 @@ own checkpoint, which is at least as far as the old one (the swap catches up und
 
 An interrupted rebuild is resumed by the next one (the next schema keeps its checkpoint).
 
-The privileges granted on the live schema and its tables are granted again on the new ones in
-the swap's transaction. A view in another schema that reads the live tables stops the swap
-with an error naming it, before anything changes: dropping the old tables would drop it too
-(and recreating it would mean running SQL text read from the catalog). Drop such views before
-a rebuild and create them again after it; the next rebuild resumes where this one stopped.
+The privileges granted on the live schema, its tables and their columns are granted again on
+the new ones in the swap's transaction, and the new ones get the old ones' owners. A view in
+another schema that reads the live tables stops the swap with an error naming it, before
+anything changes: dropping the old tables would drop it too (and recreating it would mean
+running SQL text read from the catalog). Drop such views before a rebuild and create them
+again after it; the next rebuild resumes where this one stopped.
 """
 
 from __future__ import annotations
@@ -239,8 +240,11 @@ async def rebuild(
     try:
         key = advisory_key(REBUILD_LOCK, name)
         while True:
-            row = await (await lock.execute("SELECT pg_try_advisory_lock(%s, %s)", key)).fetchone()
+            row = await (
+                await lock.execute("SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", key)
+            ).fetchone()
             if row is not None and row[0]:
+                lock_pid = int(row[1])  # the server's: behind a pooler libpq's is another
                 break
             if not wait:
                 raise RebuildBusy(name)
@@ -249,14 +253,16 @@ async def rebuild(
                 return RebuildResult(name, projection.version, 0, 0.0, START, swapped=False)
         async with pool.connection() as conn:
             live = Applier(pool, projection, live_schema(name))
-            if if_outdated:
-                state = await live.state(conn)
-                if state is not None and state[1] == projection.version:
-                    return RebuildResult(name, projection.version, 0, 0.0, state[0], swapped=True)
+            state = await live.state(conn)
+            if state is not None and state[1] > projection.version:
+                # Newer code built the live model: refused before building anything.
+                raise VersionMismatch(name, live.schema, state[1], projection.version)
+            if if_outdated and state is not None and state[1] == projection.version:
+                return RebuildResult(name, projection.version, 0, 0.0, state[0], swapped=True)
             target = Applier(pool, projection, next_schema(name), instance=new_instance_id())
             # Its batches check that this session still holds the rebuild lock: once it is
             # gone, a second rebuild may start on the same schema.
-            target.fence = (lock.info.backend_pid, *key)
+            target.fence = (lock_pid, *key)
             try:
                 result = await _rebuild(
                     pool, conn, target, batch_size, progress, stop, lock_timeout, max_attempts
@@ -368,7 +374,9 @@ async def _swap(
                 grants: list[tuple[Any, ...]] = []
                 if has_live and has_live[0]:
                     await _refuse_dependent_views(conn, projection, live)
-                    grants = await (await conn.execute(_GRANTS, {"live": live})).fetchall()
+                    grants = await (
+                        await conn.execute(_GRANTS, {"live": live, "next": target.schema})
+                    ).fetchall()
                 if has_live and has_live[0]:
                     await conn.execute(
                         sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
@@ -384,8 +392,7 @@ async def _swap(
                     await conn.execute(
                         sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
                     )
-                for kind, schema, table, grantee, privilege, grantable in grants:
-                    await _grant(conn, kind, schema, table, grantee, privilege, grantable)
+                await _grant_again(conn, live, grants)
             return done
         except (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected):
             # A deadlock too: a projector's fold ahead reads the tables in another order.
@@ -396,20 +403,45 @@ async def _swap(
     )
 
 
-# Privileges as (object kind, schema, name, grantee, privilege, grantable), from aclexplode;
-# the grantee '' is PUBLIC.
+# What was granted on the live schema, its tables and their columns, and who owned them, as
+# (kind, table, column, role, privilege, grantable); the role '' is PUBLIC. Only for the tables
+# (and columns) the new model has too: a new version may drop one, and the old schema may hold
+# a table of someone else's, which goes with it.
 _GRANTS: Final = """
-SELECT 'SCHEMA', n.nspname, NULL,
+WITH kept AS (
+    SELECT o.oid, o.relname, o.relowner, o.relacl
+    FROM pg_class o JOIN pg_namespace n ON n.oid = o.relnamespace
+    WHERE n.nspname = %(live)s AND o.relkind IN ('r', 'p')
+      AND EXISTS (SELECT FROM pg_class c JOIN pg_namespace cn ON cn.oid = c.relnamespace
+                  WHERE cn.nspname = %(next)s AND c.relname = o.relname)
+)
+SELECT 'schema', NULL, NULL,
        CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END,
        a.privilege_type, a.is_grantable
 FROM pg_namespace n, aclexplode(n.nspacl) a
 WHERE n.nspname = %(live)s AND a.grantee <> n.nspowner
 UNION ALL
-SELECT 'TABLE', n.nspname, c.relname,
+SELECT 'table', k.relname, NULL,
        CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END,
        a.privilege_type, a.is_grantable
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
-WHERE n.nspname = %(live)s AND c.relkind IN ('r', 'p') AND a.grantee <> c.relowner
+FROM kept k, aclexplode(k.relacl) a
+WHERE a.grantee <> k.relowner
+UNION ALL
+SELECT 'column', k.relname, col.attname::text,
+       CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END,
+       a.privilege_type, a.is_grantable
+FROM kept k JOIN pg_attribute col ON col.attrelid = k.oid, aclexplode(col.attacl) a
+WHERE col.attacl IS NOT NULL AND NOT col.attisdropped
+  AND EXISTS (SELECT FROM pg_attribute c JOIN pg_class t ON t.oid = c.attrelid
+              JOIN pg_namespace tn ON tn.oid = t.relnamespace
+              WHERE tn.nspname = %(next)s AND t.relname = k.relname
+                AND c.attname = col.attname AND NOT c.attisdropped)
+UNION ALL
+SELECT 'schema owner', NULL, NULL, pg_get_userbyid(n.nspowner)::text, NULL, false
+FROM pg_namespace n WHERE n.nspname = %(live)s
+UNION ALL
+SELECT 'table owner', k.relname, NULL, pg_get_userbyid(k.relowner)::text, NULL, false
+FROM kept k
 """
 
 # The views outside the schema that read its tables (dropping the tables would drop them).
@@ -457,31 +489,43 @@ async def _refuse_dependent_views(
         )
 
 
-async def _grant(
-    conn: psycopg.AsyncConnection[Any],
-    kind: str,
-    schema: str,
-    table: str | None,
-    grantee: str,
-    privilege: str,
-    grantable: bool,
+async def _grant_again(
+    conn: psycopg.AsyncConnection[Any], live: str, grants: list[tuple[Any, ...]]
 ) -> None:
-    """Grant again on the new schema or table what was granted on the old one."""
-    fixed = _PRIVILEGES.get(privilege)
-    if fixed is None:
-        log.warning(
-            "%s: privilege %s of %s not granted again (unknown)", schema, privilege, grantee
+    """Grant on the new schema, tables and columns what was granted on the old ones, then
+    give them the old owners (a rebuild run by another role would otherwise own them, and
+    the projector's role could no longer write)."""
+    for kind, table, column, role, privilege, grantable in grants:
+        if kind.endswith("owner"):
+            continue
+        fixed = _PRIVILEGES.get(privilege)
+        if fixed is None:
+            log.warning("%s: privilege %s of %r not granted again (unknown)", live, privilege, role)
+            continue
+        target = sql.Identifier(live) if table is None else sql.Identifier(live, table)
+        await conn.execute(
+            sql.SQL("GRANT {privilege}{columns} ON {kind} {target} TO {role}{option}").format(
+                privilege=fixed,
+                columns=sql.SQL(" ({})").format(sql.Identifier(column)) if column else sql.SQL(""),
+                kind=sql.SQL("SCHEMA") if kind == "schema" else sql.SQL("TABLE"),
+                target=target,
+                role=sql.Identifier(role) if role else sql.SQL("PUBLIC"),
+                option=sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+            )
         )
-        return
-    await conn.execute(
-        sql.SQL("GRANT {privilege} ON {kind} {target} TO {role}{option}").format(
-            privilege=fixed,
-            kind=sql.SQL("SCHEMA") if kind == "SCHEMA" else sql.SQL("TABLE"),
-            target=sql.Identifier(schema) if table is None else sql.Identifier(schema, table),
-            role=sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
-            option=sql.SQL(" WITH GRANT OPTION" if grantable else ""),
-        )
-    )
+    for kind, table, _, role, _, _ in grants:
+        if kind == "schema owner":
+            await conn.execute(
+                sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
+                    sql.Identifier(live), sql.Identifier(role)
+                )
+            )
+        elif kind == "table owner":
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                    sql.Identifier(live, table), sql.Identifier(role)
+                )
+            )
 
 
 async def _refuse_downgrade(

@@ -135,10 +135,14 @@ def _ignore_outcome(task: asyncio.Future[Any]) -> None:
 
 
 #: SQLSTATE classes of errors that are the server's state, not an event's: connection (08),
-#: a rolled-back transaction such as a deadlock (40), resources such as a full disk (53),
-#: operator intervention (57), system errors (58). Retried with backoff, never charged to an
-#: event: charging one stopped the projection for good over a lock timeout (found in review).
-_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "57", "58"})
+#: a rolled-back transaction such as a deadlock (40), operator intervention (57), system
+#: errors (58); and a full disk, too many connections, a lock timeout. Retried with backoff,
+#: never charged to an event: charging one stopped the projection for good over a lock timeout
+#: (found in review). Running out of memory or of temporary file space (53200, 53400) can
+#: depend on the batch, so those go the way of an event's error: the batch is narrowed to the
+#: event, which is retried, then stops the projection.
+_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "57", "58"})
+_TRANSIENT_STATES: Final = frozenset({"53100", "53300", "55P03"})
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -147,7 +151,9 @@ def _unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, psycopg.OperationalError):
         sqlstate = exc.sqlstate
-        return sqlstate is None or sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate == "55P03"
+        return (
+            sqlstate is None or sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES
+        )
     return isinstance(exc, psycopg.InterfaceError | OSError)
 
 
@@ -867,7 +873,10 @@ class ProjectionRunner:
         key = advisory_key(LEADER_LOCK, self.projection.name)
         announced = False
         while not stop.is_set():
-            row = await (await lock.execute("SELECT pg_try_advisory_lock(%s, %s)", key)).fetchone()
+            # The server's own pid: behind a pooler, the one libpq reports is not the backend's.
+            row = await (
+                await lock.execute("SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", key)
+            ).fetchone()
             if row is not None and row[0]:
                 await lock.execute(
                     sql.SQL("SET application_name = {}").format(
@@ -875,7 +884,7 @@ class ProjectionRunner:
                     )
                 )
                 self.is_leader = True
-                self.applier.fence = (lock.info.backend_pid, *key)
+                self.applier.fence = (int(row[1]), *key)
                 log.info("%s: leading as %s", self.projection.name, self.instance)
                 return True
             if once:

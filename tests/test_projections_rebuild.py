@@ -172,6 +172,7 @@ async def test_a_rebuild_never_swaps_in_an_older_version(pool: AsyncConnectionPo
         await conn.execute("UPDATE rm_inbox.checkpoint SET version = version + 1")
     with pytest.raises(VersionMismatch, match="upgrade convstore"):
         await rebuild(pool, INBOX)
+    assert await schemas(pool) == {"rm_inbox"}  # refused before building anything
     (status,) = await projection_status(pool, [INBOX])
     assert status.version == INBOX.version + 1 and status.rebuilt_at is None
 
@@ -201,13 +202,29 @@ async def test_privileges_survive_a_rebuild_and_views_on_it_stop_it_clearly(
     await load(pool, 1000, seed=10)
     assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
     analyst = f"convstore_test_analyst_{uuid7().hex[-12:]}"
-    role = sql.Identifier(analyst)
+    owner = f"convstore_test_projector_{uuid7().hex[-12:]}"
+    role, owning = sql.Identifier(analyst), sql.Identifier(owner)
     async with pool.connection() as conn:
         await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(owning))
     try:
         async with pool.connection() as conn:
             await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA rm_inbox TO {}").format(role))
             await conn.execute(sql.SQL("GRANT SELECT ON rm_inbox.conversations TO {}").format(role))
+            await conn.execute(
+                sql.SQL("GRANT SELECT (text) ON rm_inbox.messages TO {}").format(role)
+            )
+            # Someone's own table in the model's schema (it goes with the old schema), and the
+            # model owned by the projector's role while another role runs the rebuild.
+            await conn.execute("CREATE TABLE rm_inbox.notes (note text)")
+            await conn.execute(sql.SQL("GRANT SELECT ON rm_inbox.notes TO {}").format(role))
+            for table in (*INBOX.tables, "checkpoint"):
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                        sql.Identifier("rm_inbox", table), owning
+                    )
+                )
+            await conn.execute(sql.SQL("ALTER SCHEMA rm_inbox OWNER TO {}").format(owning))
             await conn.execute("CREATE SCHEMA analytics")
             await conn.execute(
                 "CREATE VIEW analytics.per_connection AS"
@@ -228,15 +245,23 @@ async def test_privileges_survive_a_rebuild_and_views_on_it_stop_it_clearly(
                 await conn.execute(
                     "SELECT has_schema_privilege(%(r)s, 'rm_inbox', 'USAGE'),"
                     " has_table_privilege(%(r)s, 'rm_inbox.conversations', 'SELECT'),"
-                    " has_table_privilege(%(r)s, 'rm_inbox.messages', 'SELECT')",
+                    " has_table_privilege(%(r)s, 'rm_inbox.messages', 'SELECT'),"
+                    " has_column_privilege(%(r)s, 'rm_inbox.messages', 'text', 'SELECT'),"
+                    " to_regclass('rm_inbox.notes') IS NULL,"
+                    " (SELECT array_agg(DISTINCT pg_get_userbyid(relowner)::text) FROM pg_class"
+                    "  WHERE relnamespace = 'rm_inbox'::regnamespace AND relkind = 'r'),"
+                    " pg_get_userbyid((SELECT nspowner FROM pg_namespace"
+                    "                  WHERE nspname = 'rm_inbox'))::text",
                     {"r": analyst},
                 )
             ).fetchone()
-        assert row == (True, True, False)
+        assert row == (True, True, False, True, True, [owner], owner)
     finally:
         async with pool.connection() as conn:
-            await conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
-            await conn.execute(sql.SQL("DROP ROLE {}").format(role))
+            for name in (role, owning):
+                await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(name))
+                await conn.execute(sql.SQL("DROP OWNED BY {}").format(name))
+                await conn.execute(sql.SQL("DROP ROLE {}").format(name))
     await assert_live_equals_fresh(pool)
 
 

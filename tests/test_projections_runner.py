@@ -318,6 +318,8 @@ class Tally(Projection):
     codec: ClassVar[EventCodec] = CODEC
     #: raise (without naming the event) when an event has this id
     fragile: ClassVar[set[Any]] = set()
+    #: ... as the server does when a statement outgrows temp_file_limit (SQLSTATE 53400)
+    fragile_spills: ClassVar[bool] = False
 
     def table_ddl(self, schema: str) -> Sequence[sql.Composed]:
         return [
@@ -336,6 +338,11 @@ class Tally(Projection):
         events: Sequence[RecordedEvent],
     ) -> None:
         if any(e.event_id in self.fragile for e in events):
+            if self.fragile_spills:
+                await conn.execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'temporary file size exceeds temp_file_limit'"
+                    " USING ERRCODE = '53400'; END $$"
+                )
             raise RuntimeError("the tally cannot take this one")
         counts: dict[str, int] = {}
         for event in events:
@@ -465,6 +472,28 @@ async def test_the_failing_event_is_found_inside_its_batch(
     assert state is not None and state[1] == 5
 
 
+async def test_an_error_that_depends_on_the_batch_narrows_it_to_the_event(
+    pool: AsyncConnectionPool[Any], store: EventStore, fast_failures: dict[str, Any]
+) -> None:
+    # Running out of memory or temporary file space (SQLSTATE class 53) can depend on the
+    # batch: it must not be waited out for ever like a lost connection, but narrowed to the
+    # event and charged to it if that event alone still fails.
+    await append_all(store, list(traffic(40, seed=11)))
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT event_id FROM events ORDER BY transaction_id, position")
+        rows = await cur.fetchall()
+    Tally.fragile, Tally.fragile_spills = {rows[25][0]}, True
+    try:
+        outcomes = await catch_up(pool, [Tally()], timeout=WAIT, **fast_failures)
+    finally:
+        Tally.fragile, Tally.fragile_spills = set(), False
+    assert outcomes == {"tally": "failed"}
+    (status,) = await projection_status(pool, [Tally()])
+    assert status.failed_event_id == rows[25][0]
+    assert "temp_file_limit" in (status.last_error or "")
+    assert await tally_total(pool) == 25
+
+
 async def assert_waited_out(
     database_url: str, pool: AsyncConnectionPool[Any], disturb: Callable[[], Awaitable[None]]
 ) -> None:
@@ -579,6 +608,18 @@ async def test_once_waits_for_a_transaction_that_holds_the_log_back(
             await append_all(store, items[100:])
             async with pool.connection() as conn:
                 head = await log_head(conn)
+            # A job that may not wait long says so, with its own exit code.
+            cli = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "handlers.cli", "--database-url", database_url]
+                + ["project", "--once", "--timeout", "1"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=WAIT,
+            )
+            assert cli.returncode == 3, cli.stderr
+            assert "not caught up within 1s" in cli.stderr
             task = asyncio.create_task(run_projections(pool, [INBOX], once=True))
             await asyncio.sleep(1.0)
             assert not task.done(), "'caught up' while committed events were held back"

@@ -31,7 +31,11 @@ _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 # browsers let it call these routes only with CORS. Any origin may: the routes take a bearer
 # guest token and never a cookie, so a page cannot act with a visitor's ambient credentials.
 #: Headers of every widget response, errors included (the widget reads their bodies too).
-CORS_HEADERS: Final = {"Access-Control-Allow-Origin": "*"}
+CORS_HEADERS: Final = {
+    "Access-Control-Allow-Origin": "*",
+    # Readable by the widget's script too: when to retry a 503, and the id to report.
+    "Access-Control-Expose-Headers": "Retry-After, X-Request-Id",
+}
 #: The answer to a browser's preflight (OPTIONS) before a call with a JSON body or a token.
 PREFLIGHT_HEADERS: Final = {
     **CORS_HEADERS,

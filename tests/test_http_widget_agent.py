@@ -72,6 +72,7 @@ async def test_the_widget_may_be_called_from_any_website(
     # errors too, so the widget can read why
     refused = await http.get("/widget/site/messages", headers=origin)
     assert refused.status == 401 and refused.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Retry-After" in refused.headers["Access-Control-Expose-Headers"]
     # the agent API is not for other origins
     inbox = await http.get("/api/connections/site/inbox", headers=origin)
     assert inbox.status == 401 and "Access-Control-Allow-Origin" not in inbox.headers

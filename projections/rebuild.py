@@ -368,16 +368,16 @@ async def _swap(
                     if CHECKPOINT_TABLE in tables:
                         await _refuse_downgrade(conn, projection, live)
                 done, _, _ = await _catch_up(conn, catch, asyncio.Event())
-                has_live = await (
+                row = await (
                     await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (live,))
                 ).fetchone()
+                has_live = bool(row and row[0])
                 grants: list[tuple[Any, ...]] = []
-                if has_live and has_live[0]:
+                if has_live:
                     await _refuse_dependent_views(conn, projection, live)
                     grants = await (
                         await conn.execute(_GRANTS, {"live": live, "next": target.schema})
                     ).fetchall()
-                if has_live and has_live[0]:
                     await conn.execute(
                         sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
                             sql.Identifier(live), sql.Identifier(old)
@@ -388,7 +388,7 @@ async def _swap(
                         sql.Identifier(target.schema), sql.Identifier(live)
                     )
                 )
-                if has_live and has_live[0]:
+                if has_live:
                     await conn.execute(
                         sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old))
                     )

@@ -95,12 +95,18 @@ ORDER BY e.ord
 RETURNING position, transaction_id::text::bigint, stream_version
 """
 
+# The stream's state is read through streams_inactive_idx, a partial index of the few streams
+# that are not active (sql/0011): an append to an active stream finds nothing there and reads
+# no streams row. An exact expected version is at least 1, so a matching version also means
+# the stream exists.
 _BUMP_EXACT: LiteralString = """
 WITH bumped AS (
-    SELECT %(expected)s::bigint AS base FROM streams
-    WHERE stream_id = %(stream_id)s AND state = 'active'
-      AND (SELECT max(stream_version) FROM events WHERE stream_id = %(stream_id)s)
+    SELECT %(expected)s::bigint AS base
+    WHERE (SELECT max(stream_version) FROM events WHERE stream_id = %(stream_id)s)
           = %(expected)s
+      AND NOT EXISTS (
+          SELECT FROM streams WHERE stream_id = %(stream_id)s AND state <> 'active'
+      )
 )
 """
 

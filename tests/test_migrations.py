@@ -229,8 +229,9 @@ def test_the_domain_migration_keeps_stored_events_and_refuses_bad_rows(
         for version in (1, 2):
             conn.execute(insert_event, (version, "Said"))
         files_before = conn.execute(files).fetchall()
-    migrate(empty_database_url)
-    check_schema(empty_database_url)
+    through = [m for m in known if m.version <= 8]
+    migrate(empty_database_url, through)
+    check_schema(empty_database_url, through)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         assert conn.execute(files).fetchall() == files_before
         rows = conn.execute(

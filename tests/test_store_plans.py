@@ -8,7 +8,8 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
-from eventstore import Checkpoint, EventStore
+from eventstore import Checkpoint, EventStore, NewEvent
+from eventstore.ids import uuid7
 from eventstore.replay import _CHECKPOINT_OF_POSITION, checkpoint_of_position
 from eventstore.store import _HEAD, _LogFilter
 
@@ -84,3 +85,51 @@ async def test_a_position_is_found_through_its_brin_index(
         assert "Seq Scan" not in types, types
         assert any(n.get("Index Name") == "events_position_brin" for n in nodes), types
     assert await checkpoint_of_position(store, position) == Checkpoint(transaction_id, position)
+
+
+async def test_an_exact_append_reads_the_state_through_the_inactive_streams_index(
+    pool: AsyncConnectionPool[Any], store: EventStore
+) -> None:
+    # The exact append's hot probe: on a streams table of 20k rows, some of them inactive, its
+    # custom and its generic plan both ask streams_inactive_idx, never the primary key (whose
+    # lookup descends the whole text index and fetches the row).
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO streams (stream_id, category, state)"
+            " SELECT 'conv-' || n, 'conv', CASE WHEN n % 50 = 0 THEN 'archived' ELSE 'active' END"
+            " FROM generate_series(1, 20000) AS n"
+        )
+        await conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, category, type, data)"
+            " SELECT gen_random_uuid(), 'conv-' || n, 1, 'conv', 'Opened', '{}'"
+            " FROM generate_series(1, 20000) AS n"
+        )
+        await conn.execute("ANALYZE streams")
+        await conn.execute("ANALYZE events")
+        event = NewEvent(uuid7(), "Noted", b'{"n": 1}')
+        # Expected version 7 does not hold, so preparing the statement inserts nothing.
+        query, params = store._append_query("conv-123", [event], 7)
+        plans = [await _plan(conn, sql.SQL(query), params)]
+        await conn.execute(query, params, prepare=True)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            name = await (
+                await conn.execute(
+                    "SELECT name FROM pg_prepared_statements ORDER BY prepare_time DESC LIMIT 1"
+                )
+            ).fetchone()
+            assert name is not None
+            values = [params[key] for key in ("expected", "stream_id", "event_id", "category")]
+            values += [params[key] for key in ("type", "data", "metadata")]
+            execute = sql.SQL("EXECUTE {}({})").format(
+                sql.Identifier(name[0]), sql.SQL(", ").join(map(sql.Literal, values))
+            )
+            plans.append(await _plan(conn, execute, None))
+        finally:
+            await conn.execute("RESET plan_cache_mode")
+    for nodes in plans:
+        indexes = [n.get("Index Name") for n in nodes if "Index Name" in n]
+        assert "streams_inactive_idx" in indexes, indexes
+        assert "streams_pkey" not in indexes, indexes
+        assert "Seq Scan" not in [n["Node Type"] for n in nodes]
+    assert await store.stream_version("conv-123") == 1

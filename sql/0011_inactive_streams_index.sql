@@ -1,0 +1,13 @@
+-- An append with an exact expected version refuses a deleted or archived stream. It did so by
+-- reading the stream's row through streams_pkey: a descent of a large text index and a fetch of
+-- the row, on every append, to find the one state nearly every stream keeps. The append now
+-- asks this index whether the stream is inactive instead; it holds only the few streams that
+-- are, so the lookup ends at an empty or near-empty page and fetches no row. Measured with
+-- pgbench at 8 connections on the embedded PostgreSQL 18 (a table of 2.5M events): the exact
+-- append's server CPU went from 166 to 143 us an event (medians of five runs; the plain INSERT
+-- of the bench's reference took 106).
+--
+-- A stream's existence needs no row read either: its version is the highest stream_version of
+-- its events, and an exact expected version is at least 1, so a matching version means the
+-- stream has events, and every stream with events has its row (both are written together).
+CREATE INDEX streams_inactive_idx ON streams (stream_id) WHERE state <> 'active';

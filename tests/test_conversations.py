@@ -31,7 +31,14 @@ from conversations.service import (
     InboundMessage,
     InboundResult,
 )
-from eventstore import EventStore, RecordedEvent, WrongExpectedVersion, uuid7
+from eventstore import (
+    EventStore,
+    RecordedEvent,
+    StreamDeleted,
+    StreamState,
+    WrongExpectedVersion,
+    uuid7,
+)
 from tests.conftest import wait_for_fence
 
 
@@ -767,9 +774,10 @@ async def test_the_hinted_insert_finds_its_rows_by_their_keys_in_the_generic_pla
     )
     for shown in (plan, many_plan):
         assert "Seq Scan" not in shown, shown
-        for index in ("events_stream_version_key", "conversations_pkey", "streams_pkey"):
+        for index in ("events_stream_version_key", "conversations_pkey", "streams_inactive_idx"):
             assert index in shown, shown
-        assert "conversations_contact_idx" not in shown, shown
+        for index in ("conversations_contact_idx", "streams_pkey"):
+            assert index not in shown, shown
 
 
 async def test_a_service_with_a_stale_hint_stores_each_message_once_where_it_belongs(
@@ -1087,3 +1095,21 @@ async def test_identify_joining_a_guest_through_a_merge_leaves_its_ids_free(
         )
         later = await service.guest_sign_up("web")
         await service.identify(later.contact_id, client_id=f"x-{n}")  # matched, or registers
+
+
+@pytest.mark.parametrize("state", [StreamState.ARCHIVED, StreamState.DELETED])
+async def test_a_delivery_never_appends_to_an_inactive_stream(
+    service: ConversationService, state: StreamState
+) -> None:
+    # The service's hint for the key is fresh (the second delivery took the hinted insert), so
+    # only the stream's state, read through streams_inactive_idx, stands between the third
+    # delivery and the archived or deleted stream.
+    first = await service.receive_inbound("fb", "gone", msg("g-1"))
+    await service.receive_inbound("fb", "gone", msg("g-2"))
+    stream_id = f"conversation-{first.conversation_id}"
+    await service.store.set_stream_state(stream_id, state)
+    before = [e.event_id for e in await stream(service, first.conversation_id)]
+    with pytest.raises(StreamDeleted) as info:
+        await service.receive_inbound("fb", "gone", msg("g-3"))
+    assert info.value.stream_id == stream_id and info.value.state == state
+    assert [e.event_id for e in await stream(service, first.conversation_id)] == before

@@ -8,6 +8,7 @@ table of at least :data:`BIG_TABLE` rows; read_all and head must have no Sort no
 sort there means every page reads the whole rest of the log). read_stream may sort: for a
 stream of a few hundred events PostgreSQL rightly prefers a bitmap scan of the
 (stream_id, stream_version) index and a sort of those rows, which the check reports as a note.
+The exact append must read the stream's state through the partial index of inactive streams.
 
 The queries are captured from the store's public methods (a recording stand-in for the pool),
 so the checks follow any change to them.
@@ -18,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
-from eventstore import Checkpoint, EventStore
+from eventstore import Checkpoint, EventStore, NewEvent
+from eventstore.ids import uuid7
 
 from .context import BenchContext
 
@@ -165,8 +169,11 @@ class _Recorder:
     The checks explain exactly what the public methods send, whatever their internals.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, first_only: bool = False) -> None:
         self.statements: list[tuple[Any, Any]] = []
+        self.first_only = first_only
+        # An append reads the connection's transaction status before its statement.
+        self.pgconn = SimpleNamespace(transaction_status=TransactionStatus.IDLE)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[_Recorder]:
@@ -174,6 +181,10 @@ class _Recorder:
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> _Recorder:
         self.statements.append((query, params))
+        if self.first_only:
+            # What follows would answer the recorder's empty results (an append that stored
+            # nothing goes on to find out why), so the call ends here.
+            raise _FirstStatement
         return self
 
     async def fetchall(self) -> list[Any]:
@@ -183,10 +194,18 @@ class _Recorder:
         return None
 
 
-async def _captured(call: Callable[[EventStore], Awaitable[object]]) -> tuple[sql.Composed, Any]:
-    """The one statement ``call`` sends through the store, as a composable and its params."""
-    recorder = _Recorder()
-    await call(EventStore(cast(Any, recorder)))
+class _FirstStatement(Exception):
+    """Ends a recorded call after its first statement."""
+
+
+async def _captured(
+    call: Callable[[EventStore], Awaitable[object]], *, first_only: bool = False
+) -> tuple[sql.Composed, Any]:
+    """The one statement ``call`` sends through the store (with ``first_only``, the first of
+    several), as a composable and its params."""
+    recorder = _Recorder(first_only=first_only)
+    with contextlib.suppress(_FirstStatement):
+        await call(EventStore(cast(Any, recorder)))
     if len(recorder.statements) != 1:
         raise RuntimeError(f"expected one statement, the store sent {len(recorder.statements)}")
     query, params = recorder.statements[0]
@@ -198,7 +217,8 @@ async def _captured(call: Callable[[EventStore], Awaitable[object]]) -> tuple[sq
 
 
 async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
-    """Explain read_all (from a mid-log checkpoint, behind the fence), head and read_stream."""
+    """Explain read_all (from a mid-log checkpoint, behind the fence), head, read_stream and
+    an exact append."""
     from .paths.read_all import ensure_log
 
     await ensure_log(ctx)
@@ -238,6 +258,17 @@ async def run_explain_checks(ctx: BenchContext) -> list[CheckResult]:
                 sizes,
                 forbid_sort=False,
             )
+        # The append with an exact expected version, the bench's hot write. A version far above
+        # the stream's never holds, so preparing the statement for its generic plan inserts
+        # nothing. Its state probe must take the partial index of inactive streams (sql/0011),
+        # not the primary key of streams; its version probe takes events_stream_version_key.
+        event = NewEvent(uuid7(), "ExplainCheck", b"{}")
+        query, params = await _captured(
+            lambda store: store.append(stream_id, [event], 2**40), first_only=True
+        )
+        results += await _check(
+            conn, "explain_append_exact", query, params, "streams_inactive_idx", sizes
+        )
         return results
     finally:
         await conn.close()
@@ -259,6 +290,12 @@ def _fail_small_table(sizes: Mapping[str, float]) -> CheckResult | None:
 #: The names of the checks :func:`run_explain_checks` reports (for ``--only`` and ``--list``).
 CHECK_NAMES: tuple[str, ...] = tuple(
     f"explain_{query}_{plan}"
-    for query in ("read_all", "head", "read_stream_forwards", "read_stream_backwards")
+    for query in (
+        "read_all",
+        "head",
+        "read_stream_forwards",
+        "read_stream_backwards",
+        "append_exact",
+    )
     for plan in ("custom", "generic")
 )

@@ -10,4 +10,7 @@
 -- A stream's existence needs no row read either: its version is the highest stream_version of
 -- its events, and an exact expected version is at least 1, so a matching version means the
 -- stream has events, and every stream with events has its row (both are written together).
+--
+-- Upgrading: the index is built in the migration's transaction, which holds writes to streams
+-- (new streams, state changes) for one scan of that table; appends to existing streams go on.
 CREATE INDEX streams_inactive_idx ON streams (stream_id) WHERE state <> 'active';

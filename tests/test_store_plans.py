@@ -1,4 +1,5 @@
-"""The global log's queries use their index, with no sort, on a table of 100k events."""
+"""The global log's queries use their index, with no sort, on a table of 100k events; the exact
+append reads a stream's state through the partial index of inactive streams."""
 
 from __future__ import annotations
 

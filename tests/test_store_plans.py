@@ -9,6 +9,7 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
+from bench.explain import _ordered_values
 from eventstore import Checkpoint, EventStore, NewEvent
 from eventstore.ids import uuid7
 from eventstore.replay import _CHECKPOINT_OF_POSITION, checkpoint_of_position
@@ -120,8 +121,7 @@ async def test_an_exact_append_reads_the_state_through_the_inactive_streams_inde
                 )
             ).fetchone()
             assert name is not None
-            values = [params[key] for key in ("expected", "stream_id", "event_id", "category")]
-            values += [params[key] for key in ("type", "data", "metadata")]
+            values = _ordered_values(query, params)
             execute = sql.SQL("EXECUTE {}({})").format(
                 sql.Identifier(name[0]), sql.SQL(", ").join(map(sql.Literal, values))
             )

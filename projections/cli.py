@@ -139,7 +139,8 @@ def _status(args: argparse.Namespace) -> int:
             print(msgspec.json.encode(statuses).decode())
         else:
             print("\n".join(line for status in statuses for line in format_status(status)))
-        return 1 if any(s.state == "failed" for s in statuses) else 0
+        # Both need an operator; a clean stop does not.
+        return 1 if any(s.state in ("failed", "halted") for s in statuses) else 0
 
     return asyncio.run(work())
 
@@ -253,7 +254,9 @@ def register(commands: Any) -> None:
         "projections", help="projection status and rebuilds"
     ).add_subparsers(dest="projections_command", required=True)
     status = projections.add_parser(
-        "status", help="checkpoint, events behind, state and last error of each projection"
+        "status",
+        help="checkpoint, events behind, state and last error of each projection"
+        " (exit 1 if one is failed or halted)",
     )
     status.add_argument("--projection", action="append", metavar="NAME")
     status.add_argument("--json", action="store_true", help="one JSON array")

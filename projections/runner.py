@@ -821,11 +821,12 @@ class ProjectionRunner:
                             conn, self.projection.name, exc.event, exc.error, exc.attempts
                         )
                         return "failed"
+                    # 'halted', not 'stopped': status must tell this from a clean shutdown.
                     await conn.execute(
                         "INSERT INTO projection_status AS s (name, state, last_error,"
-                        " last_error_at) VALUES (%s, 'stopped', %s, now())"
+                        " last_error_at) VALUES (%s, 'halted', %s, now())"
                         " ON CONFLICT (name) DO UPDATE SET state = CASE WHEN"
-                        " s.failed_checkpoint IS NULL THEN 'stopped' ELSE 'failed' END,"
+                        " s.failed_checkpoint IS NULL THEN 'halted' ELSE 'failed' END,"
                         " last_error = EXCLUDED.last_error, last_error_at = now(),"
                         " updated_at = now()",
                         (self.projection.name, str(exc)[:4000]),

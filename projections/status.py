@@ -31,8 +31,9 @@ class ProjectionStatus(msgspec.Struct, frozen=True):
     """One projection's state, as ``convstore projections status`` shows it.
 
     ``state`` is ``running`` (an instance leads), ``retrying`` (one leads and retries the event
-    that had stopped it), ``failed`` (stopped on an event, see ``failed_*``), ``stopped`` or
-    ``not built`` (no projector ever ran here).
+    that had stopped it), ``failed`` (stopped on an event, see ``failed_*``), ``halted`` (its
+    last instance stopped on an error that was not an event's, see ``last_error``), ``stopped``
+    (shut down cleanly) or ``not built`` (no projector ever ran here).
     """
 
     name: str
@@ -102,7 +103,7 @@ async def _one(conn: psycopg.AsyncConnection[Any], projection: Projection) -> Pr
         )
     ).fetchone()
     (
-        _state,
+        recorded_state,
         leader,
         last_error,
         last_error_at,
@@ -137,6 +138,8 @@ async def _one(conn: psycopg.AsyncConnection[Any], projection: Projection) -> Pr
         state = "retrying" if leader_pid is not None else "failed"
     elif leader_pid is not None:
         state = "running"
+    elif recorded_state == "halted":
+        state = "halted"
     elif live is None:
         state = "not built"
     else:

@@ -265,6 +265,38 @@ async def test_privileges_survive_a_rebuild_and_views_on_it_stop_it_clearly(
     await assert_live_equals_fresh(pool)
 
 
+async def test_an_upgrade_rebuild_stopped_by_a_view_is_halted_until_it_runs_again(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    # The daemon's own rebuild on upgrade meets a view on the live tables: it stops, and status
+    # must not show that as a clean stop (it did: `stopped`, exit 0, so nothing alerted).
+    await load(pool, 1000, seed=9)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE rm_inbox.checkpoint SET version = 0")
+        await conn.execute("CREATE SCHEMA analytics")
+        await conn.execute(
+            "CREATE VIEW analytics.open_ones AS SELECT count(*) AS n FROM rm_inbox.conversations"
+        )
+    assert await run_projections(pool, [INBOX], once=True) == {"inbox": "failed"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert status.state == "halted" and status.version == 0
+    assert "analytics.open_ones read the tables" in (status.last_error or "")
+    shown = convstore(database_url, "projections", "status", "--projection", "inbox")
+    assert shown.returncode == 1, shown.stderr
+    assert "state:       halted" in shown.stdout
+    assert "analytics.open_ones" in shown.stdout
+
+    async with pool.connection() as conn:
+        await conn.execute("DROP VIEW analytics.open_ones")
+    assert await run_projections(pool, [INBOX], once=True) == {"inbox": "caught-up"}
+    (status,) = await projection_status(pool, [INBOX])
+    assert (status.state, status.version) == ("stopped", INBOX.version)
+    shown = convstore(database_url, "projections", "status", "--projection", "inbox")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    await assert_live_equals_fresh(pool)
+
+
 async def test_an_interrupted_rebuild_resumes(pool: AsyncConnectionPool[Any]) -> None:
     await load(pool, 4000, seed=4)
     assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}

@@ -27,7 +27,7 @@ from .base import Projection, ProjectionError
 from .progress import progress_for
 from .rebuild import rebuild
 from .registry import PROJECTIONS, REPORTED, get_projection
-from .runner import collecting_less_often, run_projections
+from .runner import DEFAULT_LEASE, HEARTBEAT, collecting_less_often, run_projections
 from .status import format_status, projection_status
 
 __all__ = ["main", "register"]
@@ -82,6 +82,8 @@ async def _with_stop(work: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 def _project(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.once:
         raise ValueError("--timeout goes with --once")
+    if args.lease <= 2 * HEARTBEAT:
+        raise ValueError(f"--lease must be more than {2 * HEARTBEAT:g} seconds: {args.lease:g}")
     _log_to_stderr()
     url = _url(args)
     projections = _selected(args.projection)
@@ -106,6 +108,7 @@ def _project(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 poll_interval=args.poll_interval,
                 standby_interval=args.standby_interval,
+                lease=args.lease,
             )
         finally:
             await pool.close()
@@ -247,6 +250,14 @@ def register(commands: Any) -> None:
         type=_seconds,
         default=1.0,
         help="seconds between a standby's tries to take over (default 1)",
+    )
+    project.add_argument(
+        "--lease",
+        type=_seconds,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help="a standby ends the leader's lock session once it has run nothing for this long:"
+        f" the leader hangs (default {DEFAULT_LEASE:g}; more than {2 * HEARTBEAT:g})",
     )
     project.set_defaults(run=_project)
 

@@ -14,6 +14,13 @@ Each projection has a session advisory lock. The instance holding it applies; th
 hot standbys that retry the lock every ``standby_interval`` seconds, so when the leader dies
 (its session ends and PostgreSQL releases the lock) one of them carries on within that time.
 
+A leader that hangs but stays connected (a frozen process, a blocked event loop) would keep
+the lock for ever: its kernel still answers the server's keepalives. So a leader runs a query
+on its lock session every :data:`HEARTBEAT` seconds, and a standby that finds that session
+idle for longer than its ``lease`` ends it (``pg_terminate_backend``), which releases the lock.
+If the hung leader wakes, its next batch finds its lock gone and it stands by; a batch it had
+begun holds the checkpoint row, so the two never apply the same events.
+
 Waking up
 ---------
 One LISTEN connection per process wakes every runner on :data:`eventstore.NOTIFY_CHANNEL`;
@@ -43,6 +50,7 @@ from typing import Any, Final, Literal, cast
 
 import msgspec
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
@@ -67,6 +75,8 @@ from .base import (
 )
 
 __all__ = [
+    "DEFAULT_LEASE",
+    "HEARTBEAT",
     "PROJECTOR_GC_THRESHOLD",
     "Applier",
     "BatchFailed",
@@ -756,6 +766,33 @@ async def _sleep(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float
         wake.clear()
 
 
+#: Seconds between a leader's queries on its lock session, which show the standbys it is alive.
+HEARTBEAT: Final = 1.0
+#: Seconds a leader's lock session may stay idle before a standby ends it (the default lease).
+DEFAULT_LEASE: Final = 60.0
+
+# The session holding the leader lock, when it has run nothing for longer than the lease. Only
+# an idle session: one running a query is not hung. A session of another role, whose activity
+# this role may not see, shows a NULL state and is never picked.
+_STALE_LEADER: Final = """
+SELECT l.pid, a.application_name, extract(epoch FROM now() - a.state_change)::float8
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid AND l.objsubid = 2
+  AND a.state = 'idle' AND a.state_change < now() - make_interval(secs => %s)
+"""
+
+
+async def _heartbeat(lock: psycopg.AsyncConnection[Any]) -> None:
+    """Run a query on the leader's lock session every :data:`HEARTBEAT` seconds, for ever."""
+    while True:
+        await asyncio.sleep(HEARTBEAT)
+        # A broken session is the leader loop's to notice (its batches check the lock).
+        with contextlib.suppress(psycopg.Error):
+            await lock.execute("SELECT 1")
+
+
 class ProjectionRunner:
     """Runs one projection: wins (or waits for) leadership, catches up, follows the log."""
 
@@ -770,7 +807,12 @@ class ProjectionRunner:
         max_attempts: int = 5,
         retry_delay: float = 0.5,
         instance: str | None = None,
+        lease: float | None = DEFAULT_LEASE,
     ) -> None:
+        """``lease``: seconds after which a standby ends a leader session that has stopped
+        showing signs of life (None: never)."""
+        if lease is not None and not lease > 2 * HEARTBEAT:
+            raise ValueError(f"the lease must be longer than {2 * HEARTBEAT:g}s, not {lease!r}")
         self.pool = pool
         self.projection = projection
         self.schema = live_schema(projection.name)
@@ -779,6 +821,7 @@ class ProjectionRunner:
         self.standby_interval = standby_interval
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
+        self.lease = lease
         self.instance = instance or new_instance_id()
         self.applier = Applier(pool, projection, self.schema, instance=self.instance)
         #: True while this instance holds the projection's leader lock.
@@ -894,8 +937,36 @@ class ProjectionRunner:
             if not announced:
                 log.info("%s: standing by (another instance leads)", self.projection.name)
                 announced = True
+            if self.lease is not None and await self._end_stale_leader(lock, key):
+                continue
             await _sleep(stop, None, self.standby_interval)
         return False
+
+    async def _end_stale_leader(
+        self, lock: psycopg.AsyncConnection[Any], key: tuple[int, int]
+    ) -> bool:
+        """End the leader's session if it has been idle past the lease; True if it was ended."""
+        row = await (await lock.execute(_STALE_LEADER, (*key, self.lease))).fetchone()
+        if row is None:
+            return False
+        pid, name, idle = row
+        log.warning(
+            "%s: the leader's session (backend pid %s, %s) has run nothing for %.0fs, past the"
+            " %gs lease: ending it so this instance can lead",
+            self.projection.name,
+            pid,
+            name,
+            idle,
+            self.lease,
+        )
+        try:
+            ended = await (
+                await lock.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            ).fetchone()
+        except pg_errors.InsufficientPrivilege as exc:
+            log.warning("%s: cannot end the leader's session: %s", self.projection.name, exc)
+            return False
+        return bool(ended and ended[0])
 
     async def _serve(
         self,
@@ -904,9 +975,13 @@ class ProjectionRunner:
         once: bool,
         wake: asyncio.Event | None,
     ) -> Outcome:
+        heartbeat = asyncio.create_task(_heartbeat(lock))
         try:
             return await self._serve_on(lock, stop, once, wake)
         finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             await self.applier.close()
 
     async def _serve_on(
@@ -1161,6 +1236,7 @@ async def run_projections(
     max_attempts: int = 5,
     retry_delay: float = 0.5,
     instance: str | None = None,
+    lease: float | None = DEFAULT_LEASE,
 ) -> dict[str, Outcome]:
     """Run a runner per projection until ``stop`` (or, ``once``, until each caught up).
 
@@ -1179,6 +1255,7 @@ async def run_projections(
             max_attempts=max_attempts,
             retry_delay=retry_delay,
             instance=instance,
+            lease=lease,
         )
         for projection in projections
     ]

@@ -258,6 +258,69 @@ async def test_one_instance_applies_and_a_standby_takes_over(
     await assert_equals_fresh_build(pool)
 
 
+async def leader_pid_is(pool: AsyncConnectionPool[Any], pid: int, standbys: int) -> None:
+    """Wait until the process ``pid`` leads the inbox with ``standbys`` standing by."""
+    while True:
+        (status,) = await projection_status(pool, [INBOX])
+        if (
+            status.leader is not None
+            and int(status.leader.split(":")[1]) == pid
+            and status.standbys == standbys
+        ):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_standby_ends_a_hung_leader_after_its_lease_but_never_a_live_one(
+    database_url: str, pool: AsyncConnectionPool[Any], store: EventStore, tmp_path: Path
+) -> None:
+    # A frozen leader (SIGSTOP) keeps its session: the server's keepalives are answered by its
+    # kernel. Without a lease no standby would ever take over.
+    log = tmp_path / "projectors.log"
+    options = ("--projection", "inbox", "--standby-interval", "0.2", "--poll-interval", "0.1")
+    refused = subprocess.run(
+        [sys.executable, "-m", "projections", "--database-url", database_url, "project"]
+        + ["--lease", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert refused.returncode == 2 and "--lease must be more than 2 seconds" in refused.stderr
+    appends = list(traffic(600, seed=6))
+    with projectors(database_url, log) as started:
+        first = start(started, database_url, log, *options, "--lease", "3")
+        async with asyncio.timeout(WAIT):
+            await leader_pid_is(pool, first.pid, 0)
+            second = start(started, database_url, log, *options, "--lease", "3")
+            await leader_pid_is(pool, first.pid, 1)
+            await append_all(store, appends[:300])
+            await reached_head(pool)
+            # Idle, but alive for more than two leases: the standby leaves it alone.
+            await asyncio.sleep(7)
+            await leader_pid_is(pool, first.pid, 1)
+            assert "lease" not in log.read_text()
+
+            first.send_signal(signal.SIGSTOP)
+            try:
+                await append_all(store, appends[300:])
+                await leader_pid_is(pool, second.pid, 0)
+                await reached_head(pool)
+                state = await live_checkpoint(pool)
+                (status,) = await projection_status(pool, [INBOX])
+                assert state is not None and state[2] == status.leader
+            finally:
+                first.send_signal(signal.SIGCONT)
+            # Woken, the old leader finds its lock session ended and stands by.
+            await leader_pid_is(pool, second.pid, 1)
+            for proc in (first, second):
+                proc.send_signal(signal.SIGTERM)
+                assert await exited(proc) == 0
+    text = log.read_text()
+    assert "past the 3s lease: ending it" in text, text
+    await assert_equals_fresh_build(pool)
+
+
 async def test_sigterm_ends_after_the_batch_with_a_consistent_model(
     database_url: str, pool: AsyncConnectionPool[Any], store: EventStore, tmp_path: Path
 ) -> None:

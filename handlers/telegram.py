@@ -5,8 +5,10 @@ The connection is the bot. Telegram proves a delivery with ``X-Telegram-Bot-Api-
 a connection without one accepts nothing. Private-chat messages are stored with
 ``receive_inbound``: the customer key is the chat id and the provider message id is
 ``<chat id>:<message id>``, so a redelivered update (same ``update_id``, same message) is stored
-once. Edits become ``MessageEdited``; group, supergroup and channel updates, and update kinds we
-do not store, are acknowledged with 200 and skipped (Telegram would otherwise retry them).
+once. Edits become ``MessageEdited``; the edit of a message never stored (sent before the webhook
+was set, or still on its way) stores the message as it now reads, then the edit. Group,
+supergroup and channel updates, and update kinds we do not store, are acknowledged with 200
+and skipped (Telegram would otherwise retry them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from aiohttp import web
 
 from conversations.connections import Connection
 from conversations.events import Attachment
-from conversations.service import MAX_ID, MAX_TEXT, InboundMessage
+from conversations.service import MAX_ID, MAX_TEXT, CommandResult, InboundMessage
 
 from .app import CONNECTIONS, METRICS, SERVICE, decode_json, json_response
 from .errors import HTTPError
@@ -162,51 +164,53 @@ async def _telegram_connection(request: web.Request) -> Connection:
 # --------------------------------------------------------------------------- route
 
 
+def _inbound(message: Message) -> InboundMessage | None:
+    """The message as stored, or None when it has nothing we store (a poll, a contact...)."""
+    attachments = _attachments(message)
+    text = message.text if message.text is not None else message.caption
+    if text is None and not attachments:
+        return None
+    return InboundMessage(
+        provider_message_id=_provider_message_id(message),
+        sent_at=_when(message.date),
+        text=text,
+        attachments=attachments,
+        reply_to=(
+            f"{message.chat.id}:{message.reply_to_message.message_id}"
+            if message.reply_to_message is not None
+            else None
+        ),
+    )
+
+
 async def receive(request: web.Request) -> web.Response:
     """One update; 200 once its events are committed (or once it is known to need none)."""
     connection = await _telegram_connection(request)
     update = await decode_json(request, Update)
     app = request.app
     service = app[SERVICE]
-    if update.message is not None:
-        message = update.message
-        if message.chat.type != "private":
-            kind = "not_private"
-        else:
-            attachments = _attachments(message)
-            text = message.text if message.text is not None else message.caption
-            if text is None and not attachments:
-                kind = "unsupported"  # polls, contacts, service messages, ...
-            else:
-                inbound = InboundMessage(
-                    provider_message_id=_provider_message_id(message),
-                    sent_at=_when(message.date),
-                    text=text,
-                    attachments=attachments,
-                    reply_to=(
-                        f"{message.chat.id}:{message.reply_to_message.message_id}"
-                        if message.reply_to_message is not None
-                        else None
-                    ),
-                )
-                started = time.perf_counter()
-                result = await service.receive_inbound(
-                    connection.name,
-                    str(message.chat.id),
-                    inbound,
-                    metadata={"received_via": "telegram", "update_id": update.update_id},
-                )
-                app[METRICS].append_latency.labels("telegram").observe(
-                    time.perf_counter() - started
-                )
-                kind = "duplicate" if result.duplicate else "message"
-    elif update.edited_message is not None:
-        message = update.edited_message
-        if message.chat.type != "private":
-            kind = "not_private"
+    metadata = {"received_via": "telegram", "update_id": update.update_id}
+    message = update.message or update.edited_message
+    if message is None:
+        kind = "unsupported"  # callback queries, channel posts, member updates, ...
+    elif message.chat.type != "private":
+        kind = "not_private"
+    elif update.message is not None:
+        inbound = _inbound(message)
+        if inbound is None:
+            kind = "unsupported"  # polls, contacts, service messages, ...
         else:
             started = time.perf_counter()
-            edit = await service.record_edit(
+            result = await service.receive_inbound(
+                connection.name, str(message.chat.id), inbound, metadata=metadata
+            )
+            app[METRICS].append_latency.labels("telegram").observe(time.perf_counter() - started)
+            kind = "duplicate" if result.duplicate else "message"
+    else:
+        started = time.perf_counter()
+
+        async def record_edit() -> CommandResult | None:
+            return await service.record_edit(
                 connection.name,
                 _provider_message_id(message),
                 _when(message.date),  # the original message's date: it names the message
@@ -214,14 +218,30 @@ async def receive(request: web.Request) -> web.Response:
                 _when(message.edit_date if message.edit_date is not None else message.date),
                 edit_key=str(update.update_id),
             )
-            app[METRICS].append_latency.labels("telegram").observe(time.perf_counter() - started)
-            if edit is None:
-                log.info("telegram edit skipped: %s has no such message", connection.name)
-                kind = "edit_of_unknown_message"
-            else:
-                kind = "duplicate" if edit.duplicate else "edit"
-    else:
-        kind = "unsupported"  # callback queries, channel posts, member updates, ...
+
+        edit = await record_edit()
+        kind = "edit"
+        if edit is None:
+            # The original never reached us (sent before the bot's webhook was set, or still
+            # on its way): the edit carries the whole message as it now reads, so it is stored
+            # under the original's id (an original arriving later is then a duplicate) and the
+            # edit is recorded on it, which also makes a redelivered edit a duplicate.
+            inbound = _inbound(message)
+            if inbound is not None:
+                await service.receive_inbound(
+                    connection.name,
+                    str(message.chat.id),
+                    inbound,
+                    metadata={**metadata, "stored_from_edit": True},
+                )
+                edit = await record_edit()
+                kind = "message_from_edit"
+        app[METRICS].append_latency.labels("telegram").observe(time.perf_counter() - started)
+        if edit is None:
+            log.info("telegram edit skipped: %s has nothing to store", connection.name)
+            kind = "unsupported"
+        elif edit.duplicate:
+            kind = "duplicate"
     app[WEBHOOK_ITEMS].labels("telegram", kind).inc()
     # No "method" key: Telegram would run a body with one as a Bot API call.
     return json_response({"ok": True, "outcome": kind})

@@ -626,11 +626,46 @@ async def test_telegram_edited_message_is_recorded(
     assert edited.message_id == conversation[1].data.message_id
     assert (edited.text, edited.provider_message_id) == ("the typo", "987654321:7")
     assert edited.edited_at == dt.datetime.fromtimestamp(1_700_000_060, dt.UTC)
-    # an edit of a message convstore never stored is acknowledged and skipped
-    unknown = _update(3, 8, key="edited_message", text="?", edit_date=1_700_000_070)
-    response = await post_telegram(http, unknown)
-    assert response.status == 200
-    assert (await response.json())["outcome"] == "edit_of_unknown_message"
+
+
+async def test_telegram_edit_of_a_message_never_stored_stores_it_as_it_now_reads(
+    http: TestClient[Any, Any], pool: AsyncConnectionPool[Any], events: EventStore
+) -> None:
+    # The original was sent before the webhook was set, or is still on its way: the edit is
+    # all there is of the customer's message, and it must not be lost.
+    await _bot(pool)
+    edit = _update(3, 8, key="edited_message", text="fixed", edit_date=1_700_000_070)
+    edit["edited_message"]["reply_to_message"] = {
+        "message_id": 2,
+        "chat": {"id": 987654321, "type": "private"},
+        "date": 1_699_999_990,
+    }
+    response = await post_telegram(http, edit)
+    assert response.status == 200 and (await response.json())["outcome"] == "message_from_edit"
+    # A redelivered edit, then the original arriving late, store nothing more.
+    assert (await (await post_telegram(http, edit)).json())["outcome"] == "duplicate"
+    original = _update(1, 8, text="fxied")
+    assert (await (await post_telegram(http, original)).json())["outcome"] == "duplicate"
+    stored = await event_count(pool)
+    [conversation] = await conversations_of(pool, events, "bot", "987654321")
+    assert [e.type for e in conversation] == [
+        "ConversationOpened",
+        "MessageReceived",
+        "MessageEdited",
+    ]
+    received, edited = conversation[1].data, conversation[2].data
+    assert (received.provider_message_id, received.text) == ("987654321:8", "fixed")
+    assert received.sent_at == dt.datetime.fromtimestamp(1_700_000_000, dt.UTC)
+    assert received.reply_to == "987654321:2"
+    assert conversation[1].metadata["stored_from_edit"] is True
+    assert (edited.message_id, edited.text) == (received.message_id, "fixed")
+    assert edited.edited_at == dt.datetime.fromtimestamp(1_700_000_070, dt.UTC)
+    # An edit with nothing we store (no text, no file) is still acknowledged and skipped.
+    empty = _update(4, 9, key="edited_message", text=None, edit_date=1_700_000_080)
+    del empty["edited_message"]["text"]
+    response = await post_telegram(http, empty)
+    assert response.status == 200 and (await response.json())["outcome"] == "unsupported"
+    assert await event_count(pool) == stored
 
 
 async def test_telegram_files_are_attachments(

@@ -179,8 +179,9 @@ class Projection(abc.ABC):
         """Statements creating the tables, with the unique indexes :meth:`apply` relies on."""
 
     @abc.abstractmethod
-    def index_ddl(self, schema: str) -> Sequence[sql.Composed]:
-        """Statements creating the query indexes (deferred to the end of a rebuild)."""
+    def index_ddl(self, schema: str, *, concurrently: bool = False) -> Sequence[sql.Composed]:
+        """Statements creating the query indexes (deferred to the end of a rebuild), each
+        ``CREATE INDEX IF NOT EXISTS``; with ``concurrently``, ``CREATE INDEX CONCURRENTLY``."""
 
     @abc.abstractmethod
     async def apply(

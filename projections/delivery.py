@@ -66,7 +66,9 @@ _TABLE_DDL: Final = (
     """,
 )
 
-_INDEX_DDL: Final = ("CREATE INDEX outbox_due_idx ON {schema}.outbox (next_attempt_at)",)
+_INDEX_DDL: Final = (
+    "CREATE INDEX {concurrently} IF NOT EXISTS outbox_due_idx ON {schema}.outbox (next_attempt_at)",
+)
 
 _COLUMNS: Final = (
     ("message_id", "uuid"),
@@ -123,9 +125,13 @@ class DeliveryProjection(Projection):
         """The outbox and the totals."""
         return [sql.SQL(text).format(schema=sql.Identifier(schema)) for text in _TABLE_DDL]
 
-    def index_ddl(self, schema: str) -> Sequence[sql.Composed]:
+    def index_ddl(self, schema: str, *, concurrently: bool = False) -> Sequence[sql.Composed]:
         """The due-time index the sender's query uses."""
-        return [sql.SQL(text).format(schema=sql.Identifier(schema)) for text in _INDEX_DDL]
+        how = sql.SQL("CONCURRENTLY") if concurrently else sql.SQL("")
+        return [
+            sql.SQL(text).format(schema=sql.Identifier(schema), concurrently=how)
+            for text in _INDEX_DDL
+        ]
 
     async def apply(
         self,

@@ -1,7 +1,8 @@
 """Rebuilding a read model from history while the current one keeps serving.
 
 ``rebuild`` fills ``rm_<name>_next`` from the start of the log (query indexes deferred to the
-end, statistics refreshed), then swaps it in with one transaction: lock the live tables, apply
+end and built ``CONCURRENTLY``, so the build never holds the log's fence back; statistics
+refreshed), then swaps it in with one transaction: lock the live tables, apply
 the last few events to the new ones, rename ``rm_<name>`` away and ``rm_<name>_next`` into its
 place, drop the old schema. Queries name ``rm_<name>`` and see either the old tables or the new
 ones, never a mix; a live projector blocked by the swap resumes on the new tables from their

@@ -330,19 +330,48 @@ class Applier:
             )
 
     async def create_indexes(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Create the deferred query indexes and refresh the planner's statistics."""
+        """Create the deferred query indexes and refresh the planner's statistics.
+
+        Outside a transaction: each index is built ``CONCURRENTLY``, on its own. A plain
+        ``CREATE INDEX`` holds a transaction id for the whole build, and with it the log's
+        fence, so every reader of the log (the live projectors too) stood still while it ran:
+        7.4 s for an index of 3M rows measured here, against no transaction id at any time for
+        a concurrent build. Such a build waits for older snapshots instead, so the rebuild
+        waits for them and nobody waits for it. Temporary tables (``pg_temp``) are private,
+        and their builds are never concurrent.
+        """
         state = await self.state(conn)
         if state is not None and not state[2]:
-            async with conn.transaction():
-                for statement in self.projection.index_ddl(self.schema):
-                    await conn.execute(statement)
-                await conn.execute(
-                    sql.SQL("UPDATE {t} SET indexed = true").format(
-                        t=sql.Identifier(self.schema, CHECKPOINT_TABLE)
-                    )
+            concurrently = self.schema != "pg_temp"
+            if concurrently:
+                await self._drop_invalid_indexes(conn)
+            for statement in self.projection.index_ddl(self.schema, concurrently=concurrently):
+                await conn.execute(statement)
+            await conn.execute(
+                sql.SQL("UPDATE {t} SET indexed = true").format(
+                    t=sql.Identifier(self.schema, CHECKPOINT_TABLE)
                 )
+            )
         for table in self.projection.tables:
             await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(self.schema, table)))
+
+    async def _drop_invalid_indexes(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # An interrupted concurrent build leaves its index behind, invalid; IF NOT EXISTS would
+        # then skip it, so a resumed rebuild drops it and builds it again.
+        rows = await (
+            await conn.execute(
+                "SELECT ci.relname FROM pg_index i"
+                " JOIN pg_class ci ON ci.oid = i.indexrelid"
+                " JOIN pg_namespace n ON n.oid = ci.relnamespace"
+                " WHERE n.nspname = %s AND NOT i.indisvalid",
+                (self.schema,),
+            )
+        ).fetchall()
+        for (name,) in rows:
+            log.info("%s: dropping %s, left invalid by an interrupted build", self.schema, name)
+            await conn.execute(
+                sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(self.schema, name))
+            )
 
     # ------------------------------------------------------------------ read-ahead
     #

@@ -297,6 +297,74 @@ async def test_an_upgrade_rebuild_stopped_by_a_view_is_halted_until_it_runs_agai
     await assert_live_equals_fresh(pool)
 
 
+async def test_a_rebuilds_index_build_does_not_hold_the_log_back(
+    pool: AsyncConnectionPool[Any], store: EventStore, database_url: str
+) -> None:
+    # A plain CREATE INDEX holds a transaction id while it builds, and with it the fence of
+    # every reader of the log. A session with an old snapshot (and no transaction id, so it
+    # holds no fence) makes the concurrent build wait at its end, long enough to look.
+    await load(pool, 2000, seed=12)
+    assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as old:
+        await old.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await old.execute("SELECT count(*) FROM events")
+        building = asyncio.create_task(rebuild(pool, INBOX))
+        async with asyncio.timeout(WAIT), pool.connection() as conn:
+            while True:
+                row = await (
+                    await conn.execute(
+                        "SELECT backend_xid IS NULL FROM pg_stat_activity"
+                        " WHERE query ~ '^\\s*CREATE INDEX CONCURRENTLY'"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                ).fetchone()
+                if row is not None:
+                    break
+                assert not building.done(), building.result()
+                await asyncio.sleep(0.05)
+            assert row == (True,)
+            stream = f"probe-{uuid7()}"
+            appended = await store.append(stream, [NewEvent(uuid7(), "Probe", b"{}")])
+            page = await store.read_all(None, 10, streams=[stream])
+            assert [e.checkpoint for e in page] == list(appended.checkpoints)
+            assert not building.done()
+        await old.execute("COMMIT")
+    result = await asyncio.wait_for(building, WAIT)
+    assert result.swapped
+    await assert_live_equals_fresh(pool)
+
+
+async def test_a_resumed_rebuild_drops_an_index_an_interrupted_build_left_invalid(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    # A concurrent build cut off leaves its index, invalid; IF NOT EXISTS would keep it.
+    await load(pool, 1000, seed=13)
+    stop = asyncio.Event()
+    stop.set()
+    first = await rebuild(pool, INBOX, batch_size=100, stop=stop)
+    assert not first.swapped
+    async with pool.connection() as conn:
+        await conn.execute(
+            "CREATE INDEX conversations_inbox_idx ON rm_inbox_next.conversations (connection)"
+        )
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'rm_inbox_next.conversations_inbox_idx'::regclass"
+        )
+    second = await rebuild(pool, INBOX)
+    assert second.swapped and second.resumed
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+                " WHERE i.indexrelid = 'rm_inbox.conversations_inbox_idx'::regclass"
+            )
+        ).fetchone()
+    assert row is not None and row[0] is True
+    assert "WHERE (deleted_at IS NULL)" in row[1]
+    await assert_live_equals_fresh(pool)
+
+
 async def test_an_interrupted_rebuild_resumes(pool: AsyncConnectionPool[Any]) -> None:
     await load(pool, 4000, seed=4)
     assert await catch_up(pool, [INBOX], timeout=WAIT) == {"inbox": "caught-up"}

@@ -391,7 +391,7 @@ class Tally(Projection):
             )
         ]
 
-    def index_ddl(self, schema: str) -> Sequence[sql.Composed]:
+    def index_ddl(self, schema: str, *, concurrently: bool = False) -> Sequence[sql.Composed]:
         return []
 
     async def apply(

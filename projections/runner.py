@@ -91,6 +91,7 @@ __all__ = [
     "catch_up",
     "clear_failure",
     "collecting_less_often",
+    "lock_holder",
     "log_head",
     "record_failure",
     "run_projections",
@@ -137,6 +138,19 @@ def collecting_less_often(threshold: int = PROJECTOR_GC_THRESHOLD) -> Iterator[N
 def advisory_key(namespace: int, name: str) -> tuple[int, int]:
     """The two-int advisory lock key of ``name`` in ``namespace`` (both positive int4)."""
     return namespace, zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+async def lock_holder(conn: psycopg.AsyncConnection[Any], key: tuple[int, int]) -> int | None:
+    """The backend pid of the session holding the advisory lock ``key`` here, if any."""
+    row = await (
+        await conn.execute(
+            "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid AND l.objsubid = 2",
+            key,
+        )
+    ).fetchone()
+    return int(row[0]) if row else None
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -800,16 +814,13 @@ HEARTBEAT: Final = 1.0
 #: Seconds a leader's lock session may stay idle before a standby ends it (the default lease).
 DEFAULT_LEASE: Final = 60.0
 
-# The session holding the leader lock, when it has run nothing for longer than the lease. Only
-# an idle session: one running a query is not hung. A session of another role, whose activity
-# this role may not see, shows a NULL state and is never picked.
-_STALE_LEADER: Final = """
-SELECT l.pid, a.application_name, extract(epoch FROM now() - a.state_change)::float8
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid AND l.objsubid = 2
-  AND a.state = 'idle' AND a.state_change < now() - make_interval(secs => %s)
+# A session that has run nothing for longer than the lease. Only an idle session: one running
+# a query is not hung. A session of another role, whose activity this role may not see, shows
+# a NULL state and is never picked.
+_IDLE_PAST_LEASE: Final = """
+SELECT application_name, extract(epoch FROM now() - state_change)::float8
+FROM pg_stat_activity
+WHERE pid = %s AND state = 'idle' AND state_change < now() - make_interval(secs => %s)
 """
 
 
@@ -975,10 +986,13 @@ class ProjectionRunner:
         self, lock: psycopg.AsyncConnection[Any], key: tuple[int, int]
     ) -> bool:
         """End the leader's session if it has been idle past the lease; True if it was ended."""
-        row = await (await lock.execute(_STALE_LEADER, (*key, self.lease))).fetchone()
+        pid = await lock_holder(lock, key)
+        if pid is None:
+            return False
+        row = await (await lock.execute(_IDLE_PAST_LEASE, (pid, self.lease))).fetchone()
         if row is None:
             return False
-        pid, name, idle = row
+        name, idle = row
         log.warning(
             "%s: the leader's session (backend pid %s, %s) has run nothing for %.0fs, past the"
             " %gs lease: ending it so this instance can lead",

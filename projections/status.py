@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .base import CHECKPOINT_TABLE, Projection, live_schema, next_schema
 from .rebuild import events_after
-from .runner import LEADER_LOCK, REBUILD_LOCK, advisory_key
+from .runner import LEADER_LOCK, REBUILD_LOCK, advisory_key, lock_holder
 
 __all__ = ["ProjectionStatus", "RebuildProgress", "format_status", "projection_status"]
 
@@ -78,18 +78,6 @@ async def _checkpoint_row(
     ).fetchone()
 
 
-async def _lock_holder(conn: psycopg.AsyncConnection[Any], key: tuple[int, int]) -> int | None:
-    row = await (
-        await conn.execute(
-            "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid AND l.objsubid = 2",
-            key,
-        )
-    ).fetchone()
-    return int(row[0]) if row else None
-
-
 async def _one(conn: psycopg.AsyncConnection[Any], projection: Projection) -> ProjectionStatus:
     name = projection.name
     live = await _checkpoint_row(conn, live_schema(name), name)
@@ -114,7 +102,7 @@ async def _one(conn: psycopg.AsyncConnection[Any], projection: Projection) -> Pr
         failed_attempts,
         rebuilt_at,
     ) = recorded or (None,) * 10
-    leader_pid = await _lock_holder(conn, advisory_key(LEADER_LOCK, name))
+    leader_pid = await lock_holder(conn, advisory_key(LEADER_LOCK, name))
     standby_row = await (
         await conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -146,7 +134,7 @@ async def _one(conn: psycopg.AsyncConnection[Any], projection: Projection) -> Pr
         state = "stopped"
     rebuild = None
     if building is not None:
-        running = await _lock_holder(conn, advisory_key(REBUILD_LOCK, name)) is not None
+        running = await lock_holder(conn, advisory_key(REBUILD_LOCK, name)) is not None
         rebuild = RebuildProgress(f"{building[1]}:{building[2]}", int(building[3]), running)
     return ProjectionStatus(
         name=name,

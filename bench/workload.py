@@ -8,7 +8,6 @@ correlation ids.
 
 from __future__ import annotations
 
-import itertools
 import random
 import uuid
 from typing import Any, Final
@@ -85,12 +84,17 @@ class Workload:
                     "received_at": "2024-11-14T22:13:20.123456+00:00",
                 }
             )
-        self._streams = itertools.count()
-        self._run = uuid7().hex[:12]
 
     def stream_name(self) -> str:
-        """A stream name never used before in this run (``conversation-<run>-<n>``)."""
-        return f"{CATEGORY}-{self._run}-{next(self._streams)}"
+        """A new stream's name, shaped as the store names its conversations.
+
+        ``conversation-<uuid7>``, 49 characters, as ``conversations`` names a conversation's
+        stream. The shorter names used before (``conversation-<run>-<n>``, about 30
+        characters) flattered the store: its ``(stream_id, stream_version)`` index, which the
+        reference's table lacks, carried smaller keys than in use. With these names the append
+        at 8 connections ran at 0.90 of its rate with the short ones (one paired run).
+        """
+        return f"{CATEGORY}-{uuid7()}"
 
     def item(self, i: int) -> tuple[MessageReceived, dict[str, Any]]:
         """The ``i``-th payload and its metadata (cycling through the set)."""

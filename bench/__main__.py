@@ -109,6 +109,9 @@ async def _run(args: argparse.Namespace, url: str, command: str) -> RunResult:
         for path in REGISTRY.values():
             if not _selected(path.name, args.only):
                 continue
+            if path.full_only and args.quick:
+                print(f"  {path.name}: skipped under --quick", file=sys.stderr)
+                continue
             began = time.monotonic()
             try:
                 result = await run_path(ctx, path, timing)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for path in REGISTRY.values():
             target = "" if path.target is None else f" (target {path.target:.2f})"
-            print(f"{path.name}{target}: {path.description}")
+            full_only = " (full runs only)" if path.full_only else ""
+            print(f"{path.name}{target}{full_only}: {path.description}")
         for name in CHECK_NAMES:
             print(f"{name}: EXPLAIN check")
         return 0

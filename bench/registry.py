@@ -79,6 +79,9 @@ class BenchPath:
     #: where the harness passes ``seconds=math.inf``; in the warm-up it gets the warm-up time
     #: and must stop once that has passed.
     fixed_work: bool = False
+    #: Left out of ``--quick`` runs (which must stay under a minute): for paths that only
+    #: explain another path's figure and have no target of their own.
+    full_only: bool = False
 
     def ratio(self, value: float, reference: float) -> float:
         """The path's speed relative to the reference (1.0 = equal, higher = faster)."""

@@ -7,6 +7,10 @@ would do with psycopg on a plain table of the same columns with a bigint identit
 and a unique index on the event id: make a uuid7, encode the same payload and metadata with
 msgspec, and INSERT the row (``RETURNING position``, as the store returns positions), in
 autocommit, one transaction per event; or ``executemany`` of 100 rows in one transaction.
+
+``append_c8_keyed`` (full runs only, no target) measures the same append at 8 connections
+against the same INSERT into a table that also has the ``events`` table's keys, so that the
+cost of the append's own checks shows apart from the cost of the keys the design requires.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..registry import BenchPath, Measure, Measurement, register
 from ..timing import Operation, timed_workers
 from ..workload import CATEGORY, EVENT_TYPE, MessageReceived, Workload
 
-__all__ = ["REF_APPEND_DDL", "STREAM_LENGTH"]
+__all__ = ["REF_APPEND_DDL", "REF_KEYED_DDL", "STREAM_LENGTH"]
 
 #: Events per conversation stream in the single-event paths; a new stream follows.
 STREAM_LENGTH: Final = 10
@@ -50,6 +54,42 @@ CREATE TABLE IF NOT EXISTS bench_ref_append (
 )
 """
 
+#: A second reference table for the append at 8 connections, with the ``events`` table's keys:
+#: the global order as primary key, the unique event id, the unique (stream, version) and the
+#: BRIN index on position (sql/0007). What the store's append costs above an INSERT into it is
+#: the append's own work (the version and state checks, a new stream's row), apart from what
+#: the design's keys cost every row.
+REF_KEYED_DDL: LiteralString = """
+CREATE TABLE IF NOT EXISTS bench_ref_append_keyed (
+    position        bigint      GENERATED ALWAYS AS IDENTITY,
+    transaction_id  xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    event_id        uuid        NOT NULL,
+    stream_id       text        NOT NULL,
+    stream_version  bigint      NOT NULL,
+    category        text        NOT NULL,
+    type            text        NOT NULL,
+    data            jsonb       NOT NULL,
+    metadata        jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    recorded_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT bench_ref_append_keyed_pkey PRIMARY KEY (transaction_id, position),
+    CONSTRAINT bench_ref_append_keyed_event_id_key UNIQUE (event_id),
+    CONSTRAINT bench_ref_append_keyed_stream_version_key UNIQUE (stream_id, stream_version)
+)
+"""
+
+_REF_KEYED_BRIN: LiteralString = """
+CREATE INDEX IF NOT EXISTS bench_ref_append_keyed_position_brin
+    ON bench_ref_append_keyed USING brin (position)
+    WITH (pages_per_range = 8, autosummarize = on)
+"""
+
+_REF_KEYED_INSERT_RETURNING: LiteralString = """
+INSERT INTO bench_ref_append_keyed
+    (event_id, stream_id, stream_version, category, type, data, metadata)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)
+RETURNING position
+"""
+
 _REF_INSERT_RETURNING: LiteralString = """
 INSERT INTO bench_ref_append (event_id, stream_id, stream_version, category, type, data, metadata)
 VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)
@@ -67,6 +107,12 @@ _ENCODER = msgspec.json.Encoder()
 async def setup_reference_table(ctx: BenchContext) -> None:
     """Create the reference table of the append paths (once per run)."""
     await ctx.execute(REF_APPEND_DDL)
+
+
+async def setup_keyed_reference_table(ctx: BenchContext) -> None:
+    """Create the reference table with the ``events`` table's keys (once per run)."""
+    await ctx.execute(REF_KEYED_DDL)
+    await ctx.execute(_REF_KEYED_BRIN)
 
 
 class _StoreWriter:
@@ -101,8 +147,17 @@ class _StoreWriter:
 class _ReferenceWriter:
     """One worker inserting the same rows into the reference table with plain psycopg."""
 
-    def __init__(self, workload: Workload, offset: int, per_append: int, per_stream: int) -> None:
+    def __init__(
+        self,
+        workload: Workload,
+        offset: int,
+        per_append: int,
+        per_stream: int,
+        *,
+        keyed: bool = False,
+    ) -> None:
         self.workload = workload
+        self.insert_one = _REF_KEYED_INSERT_RETURNING if keyed else _REF_INSERT_RETURNING
         self.i = offset
         self.per_append = per_append
         self.per_stream = per_stream
@@ -125,7 +180,7 @@ class _ReferenceWriter:
 
     async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> int:
         if self.per_append == 1:
-            await (await conn.execute(_REF_INSERT_RETURNING, self._row())).fetchone()
+            await (await conn.execute(self.insert_one, self._row())).fetchone()
         else:
             rows = [self._row() for _ in range(self.per_append)]
             async with conn.transaction(), conn.cursor() as cur:
@@ -155,15 +210,20 @@ def store_append(concurrency: int, per_append: int, per_stream: int) -> Measure:
     return measure
 
 
-def reference_insert(concurrency: int, per_append: int, per_stream: int) -> Measure:
-    """A measure of plain psycopg INSERTs into the reference table at ``concurrency``."""
+def reference_insert(
+    concurrency: int, per_append: int, per_stream: int, *, keyed: bool = False
+) -> Measure:
+    """A measure of plain psycopg INSERTs into the reference table at ``concurrency``
+    (with ``keyed``, one event per transaction into the table with the events table's keys)."""
+    if keyed and per_append != 1:
+        raise ValueError("the keyed reference inserts one event per transaction")
 
     async def measure(ctx: BenchContext, seconds: float) -> Measurement:
         pool = await ctx.pool(concurrency + 1)
         workload = ctx.workload
 
         def make(worker: int) -> Operation:
-            return _ReferenceWriter(workload, worker * 97, per_append, per_stream)
+            return _ReferenceWriter(workload, worker * 97, per_append, per_stream, keyed=keyed)
 
         return await timed_workers(ctx, pool, concurrency, seconds, make)
 
@@ -188,6 +248,25 @@ for _connections, _target in ((1, None), (8, 0.8), (32, None)):
             setup=setup_reference_table,
         )
     )
+
+register(
+    BenchPath(
+        name="append_c8_keyed",
+        description=(
+            "EventStore.append as append_c8, against a plain INSERT into a table with the"
+            " events table's keys: what the append's own checks cost, apart from its keys"
+        ),
+        run=store_append(8, 1, STREAM_LENGTH),
+        reference=reference_insert(8, 1, STREAM_LENGTH, keyed=True),
+        reference_description=(
+            "plain INSERT ... RETURNING of one row per transaction, 8 connections, table with"
+            " PK (transaction_id, position), unique event_id, unique (stream_id,"
+            " stream_version) and a BRIN index on position"
+        ),
+        setup=setup_keyed_reference_table,
+        full_only=True,
+    )
+)
 
 register(
     BenchPath(
